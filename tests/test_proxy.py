@@ -1,0 +1,280 @@
+"""The engine: pass-through, half-close, many connections, big streams,
+unreachable backends, idle timeout, signals, the lone file."""
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import unittest
+
+from tests import support
+from tests.support import vaurien
+
+
+class PassThroughTest(unittest.TestCase):
+
+    def setUp(self):
+        self.echo = support.EchoServer().start()
+        self.addCleanup(self.echo.stop)
+
+    def test_echo_many_exchanges_on_one_connection(self):
+        with support.Proxy(self.echo.address) as proxy:
+            with proxy.connect() as sock:
+                for i in range(200):
+                    payload = ('message %d ' % i).encode() * (i + 1)
+                    self.assertEqual(support.exchange(sock, payload), payload)
+
+    def test_quiet_connection_is_not_cut(self):
+        with support.Proxy(self.echo.address) as proxy:
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'ping'), b'ping')
+                time.sleep(1.5)
+                self.assertEqual(support.exchange(sock, b'pong'), b'pong')
+
+    def test_big_stream_upstream_intact(self):
+        size = 200 * 1024 * 1024
+        block = os.urandom(1 << 20)
+        expected = hashlib.sha256()
+        for _ in range(size // len(block)):
+            expected.update(block)
+        with support.ThreadedServer(support.hash_then_reply) as backend, \
+                support.Proxy(backend.address) as proxy:
+            with support.connect(proxy.address, timeout=120) as sock:
+                for _ in range(size // len(block)):
+                    sock.sendall(block)
+                sock.shutdown(socket.SHUT_WR)   # half-close: answer follows
+                answer = support.recv_all(sock).decode()
+        self.assertEqual(answer, '%s %d\n' % (expected.hexdigest(), size))
+
+    def test_big_stream_downstream_intact(self):
+        size = 64 * 1024 * 1024
+        block = os.urandom(1 << 20)
+
+        def send_blocks(server, conn):
+            for _ in range(size // len(block)):
+                conn.sendall(block)
+
+        expected = hashlib.sha256()
+        for _ in range(size // len(block)):
+            expected.update(block)
+        with support.ThreadedServer(send_blocks) as backend, \
+                support.Proxy(backend.address) as proxy:
+            with support.connect(proxy.address, timeout=60) as sock:
+                got = hashlib.sha256()
+                count = 0
+                while True:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        break
+                    got.update(data)
+                    count += len(data)
+        self.assertEqual(count, size)
+        self.assertEqual(got.hexdigest(), expected.hexdigest())
+
+    def test_backend_half_close_keeps_upstream_flowing(self):
+        def greet_then_listen(server, conn):
+            conn.sendall(b'hello, then I stop talking')
+            conn.shutdown(socket.SHUT_WR)
+            hash_part = hashlib.sha256()
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                hash_part.update(data)
+            server.received.append(hash_part.hexdigest())
+
+        with support.ThreadedServer(greet_then_listen) as backend, \
+                support.Proxy(backend.address) as proxy:
+            with proxy.connect() as sock:
+                self.assertEqual(support.recv_all(sock),
+                                 b'hello, then I stop talking')
+                payload = os.urandom(300000)
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                deadline = time.time() + 5
+                while not backend.received and time.time() < deadline:
+                    time.sleep(0.01)
+        self.assertEqual(backend.received,
+                         [hashlib.sha256(payload).hexdigest()])
+
+    def test_three_thousand_concurrent_connections(self):
+        support.raise_fd_limit()
+        count = 3000
+        with support.Proxy(self.echo.address) as proxy:
+            socks = []
+            try:
+                for i in range(count):
+                    socks.append(proxy.connect())
+                for i, sock in enumerate(socks):
+                    sock.sendall(b'%06d' % i)
+                for i, sock in enumerate(socks):
+                    self.assertEqual(support.recv_exactly(sock, 6),
+                                     b'%06d' % i)
+                self.assertEqual(len(proxy.server.connections), count)
+            finally:
+                for sock in socks:
+                    sock.close()
+
+    def test_ipv6(self):
+        if not socket.has_ipv6:
+            self.skipTest('no IPv6 on this machine')
+        try:
+            echo6 = support.EchoServer(socket.AF_INET6, '::1').start()
+        except OSError:
+            self.skipTest('no IPv6 loopback on this machine')
+        self.addCleanup(echo6.stop)
+        with support.Proxy(('::1', echo6.port), proxy=('::1', 0)) as proxy:
+            with socket.create_connection(proxy.address[:2], 5) as sock:
+                self.assertEqual(support.exchange(sock, b'six'), b'six')
+
+
+class BackendTroubleTest(unittest.TestCase):
+
+    def test_unreachable_backend_closes_client_and_keeps_serving(self):
+        dead = ('127.0.0.1', support.free_port())
+        with support.EchoServer() as echo, support.Proxy(dead) as proxy:
+            with self.assertLogs('vaurien', logging.WARNING) as logs:
+                with proxy.connect() as sock:
+                    self.assertTrue(support.closed_by_peer(sock))
+            self.assertIn('cannot reach the backend', logs.output[0])
+            proxy.server.backend = echo.address
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'alive'), b'alive')
+
+    def test_idle_timeout_cuts_quiet_connections(self):
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address, idle_timeout=0.3) as proxy:
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'x'), b'x')
+                start = time.time()
+                self.assertTrue(support.closed_by_peer(sock, wait=5))
+                self.assertGreaterEqual(time.time() - start, 0.25)
+
+    def test_backend_reset_is_passed_on(self):
+        def reset(server, conn):
+            conn.recv(10)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            b'\x01\x00\x00\x00\x00\x00\x00\x00')
+            conn.close()
+
+        with support.ThreadedServer(reset) as backend, \
+                support.Proxy(backend.address) as proxy:
+            with proxy.connect() as sock:
+                sock.sendall(b'hello')
+                with self.assertRaises(ConnectionResetError):
+                    sock.settimeout(5)
+                    while sock.recv(100):
+                        pass
+
+
+class ProcessTest(unittest.TestCase):
+
+    def test_sigterm_stops_within_a_second(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with support.EchoServer() as echo:
+                args = ['--backend', '127.0.0.1:%d' % echo.port]
+                with support.vaurien_process(args) as (proc, address):
+                    with support.connect(address) as sock:
+                        self.assertEqual(support.exchange(sock, b'a'), b'a')
+                        start = time.time()
+                        proc.send_signal(signum)
+                        self.assertEqual(proc.wait(5), 0)
+                        self.assertLess(time.time() - start, 1.0)
+                        self.assertTrue(support.closed_by_peer(sock))
+
+    def test_lone_copy_in_an_empty_folder(self):
+        with support.temp_dir() as folder, support.EchoServer() as echo:
+            lone = os.path.join(folder, 'vaurien.py')
+            shutil.copy(support.VAURIEN_PY, lone)
+            for flags in (['--help'], ['--list'], ['--version']):
+                code, out, err = support.run_vaurien(
+                    flags, cwd=folder, script=lone, isolated=True)
+                self.assertEqual((code, err), (0, ''))
+            self.assertIn('blackout', out + support.run_vaurien(
+                ['--list'], cwd=folder, script=lone, isolated=True)[1])
+            args = ['--backend', '127.0.0.1:%d' % echo.port,
+                    '--behavior', '100:delay', '--behavior-delay-sleep', '0.2']
+            with support.vaurien_process(args, cwd=folder, script=lone,
+                                         isolated=True) as (proc, address):
+                with support.connect(address) as sock:
+                    start = time.time()
+                    self.assertEqual(support.exchange(sock, b'lone'), b'lone')
+                    self.assertGreaterEqual(time.time() - start, 0.2)
+
+
+class StatsdTest(unittest.TestCase):
+
+    def test_counters_have_bounded_names(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(('127.0.0.1', 0))
+            udp.settimeout(5)
+            statsd = vaurien._Statsd('127.0.0.1', udp.getsockname()[1],
+                                     'chaos')
+            with support.EchoServer() as echo, \
+                    support.Proxy(echo.address, statsd=statsd,
+                                  behavior='delay',
+                                  behavior_options={'delay': {'sleep': 0}}
+                                  ) as proxy:
+                for _ in range(2):
+                    with proxy.connect() as sock:
+                        support.exchange(sock, b'x')
+                lines = set()
+                for _ in range(4):
+                    lines.add(udp.recv(1000).decode())
+        self.assertEqual(lines, {'chaos.connections:1|c',
+                                 'chaos.behavior.delay:1|c'})
+
+
+class LoggingTest(unittest.TestCase):
+
+    def test_a_line_per_connection_at_debug(self):
+        with support.temp_dir() as folder, support.EchoServer() as echo:
+            log = os.path.join(folder, 'vaurien.log')
+            port = support.free_port()
+            proc = vaurien_subprocess(['--backend', '127.0.0.1:%d' % echo.port,
+                                       '--proxy', '127.0.0.1:%d' % port,
+                                       '--log-output', log,
+                                       '--log-level', 'debug'])
+            try:
+                sock = wait_connect(('127.0.0.1', port))
+                with sock:
+                    self.assertEqual(support.exchange(sock, b'abc'), b'abc')
+                time.sleep(0.3)
+            finally:
+                proc.terminate()
+                proc.wait(5)
+            with open(log) as stream:
+                text = stream.read()
+            self.assertIn('proxying 127.0.0.1:%d -> 127.0.0.1:%d' % (
+                port, echo.port), text)
+            self.assertRegex(text, r'connection 1 127\.0\.0\.1:\d+ -> '
+                                   r'127\.0\.0\.1:\d+ closed after [\d.]+s: '
+                                   r'3 bytes up, 3 bytes down, 1 exchanges '
+                                   r'\(dummy=1\)')
+
+
+def vaurien_subprocess(args):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, support.VAURIEN_PY] + args,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def wait_connect(address, timeout=10):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return support.connect(address)
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+if __name__ == '__main__':
+    unittest.main()

@@ -1,0 +1,1642 @@
+#!/usr/bin/env python3
+"""vaurien: a chaos TCP proxy in one file.
+
+Vaurien sits between an application and its backend and misbehaves on
+purpose, so that you can see what the application does when the backend is
+slow, fails, hangs or vanishes.  Everything here is standard library only:
+copy this file anywhere and run it.
+
+The life of one client connection::
+
+    client --connect--> ProxyServer (socketserver.ThreadingTCPServer)
+                             |  one thread per connection
+                             v
+                        Connection.run()
+                             |  connect to the backend (--timeout)
+                             v
+              +-------> poll() over the client and backend sockets
+              |              |  one of them is readable
+              |              v
+              |         protocol(source, dest, to_backend)
+              |              |  data from the client starts a new
+              |              |  exchange: the behavior mix is drawn
+              |              v
+              |         behavior.on_before_handle()  -- False: close
+              |         protocol._handle()           -- False: close
+              |             (calls behavior.on_between_handle() once the
+              |              request went to the backend)
+              |         behavior.on_after_handle()   -- False: close
+              +--------------+
+                             |  both directions ended, or a hook said stop
+                             v
+                        close both sockets, log one line
+
+A *protocol* moves bytes and knows where a request ends; a *behavior* is
+the misbehavior drawn for each exchange.  Both are plugins: classes with a
+``name`` and an ``options`` table, registered with ``Protocol.register`` and
+``Behavior.register``.  The plugins packages ``protocols`` and ``behaviors``
+beside this file, the modules named with ``--plugins`` and the ini file's
+``[behavior:NAME] callable = module:Class`` sections are loaded at start-up.
+"""
+
+__version__ = '2.0.0.dev0'
+
+import argparse
+import collections
+import configparser
+import errno
+import importlib
+import importlib.util
+import itertools
+import logging
+import os
+import pkgutil
+import random
+import select
+import signal
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+
+# Run as a script, this module is ``__main__``.  Plugins ``import vaurien``:
+# make that name (and the original package's module paths) point here, so
+# that they see this registry and not a second copy of it.
+_this = sys.modules[__name__]
+sys.modules.setdefault('vaurien', _this)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+logger = logging.getLogger('vaurien')
+
+# poll() has no limit on descriptor numbers, unlike select(), which fails
+# on descriptors >= 1024; Windows has no poll() at all.
+_HAS_POLL = hasattr(select, 'poll')
+# Linux tells when a peer shut down its writing side: then a peek tells a
+# last request from the bare end of the stream.
+_POLLRDHUP = getattr(select, 'POLLRDHUP',
+                     0x2000 if sys.platform.startswith('linux') else 0)
+
+
+# Errors ##################################################################
+
+class VaurienError(Exception):
+    """A mistake in what the user asked for: one line, no traceback."""
+
+
+class PluginError(VaurienError):
+    """A plugin module that cannot be loaded or clashes with another."""
+
+
+# Options #################################################################
+
+_TRUE = ('1', 'true', 'yes', 'on', 'y')
+_FALSE = ('0', 'false', 'no', 'off', 'n')
+_TYPE_WORDS = {int: 'a whole number', float: 'a number', bool: 'true or false',
+               str: 'a string'}
+
+
+def parse_bool(value):
+    """``True``/``False`` from a bool or from words like yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(value)
+
+
+def convert_value(value, type_):
+    """Convert *value* (often a string from the command line or an ini
+    file, or a JSON value) to *type_*; ValueError when it does not fit."""
+    if type_ is bool:
+        return parse_bool(value)
+    if isinstance(value, bool) and type_ in (int, float):
+        raise ValueError(value)
+    if type_ is int and isinstance(value, float):
+        if value != int(value):
+            raise ValueError(value)
+        return int(value)
+    if type_ in (int, float) and isinstance(value, str):
+        value = value.strip()
+    return type_(value)
+
+
+def _option_spec(option):
+    description, type_, default = option[:3]
+    choices = option[3] if len(option) > 3 else None
+    return description, type_, default, choices
+
+
+def validate_options(kind, cls, values):
+    """Check and convert a mapping of option values for plugin *cls*.
+
+    Returns a new dict; raises VaurienError naming the plugin, the option
+    and what is wrong.
+    """
+    result = {}
+    label = "%s '%s'" % (kind, cls.name)
+    for key, raw in values.items():
+        name = key.replace('-', '_')
+        if name not in cls.options:
+            known = ', '.join(sorted(cls.options)) or 'none'
+            raise VaurienError("%s has no option '%s' (its options: %s)"
+                               % (label, key, known))
+        _, type_, _, choices = _option_spec(cls.options[name])
+        try:
+            value = convert_value(raw, type_)
+        except (TypeError, ValueError):
+            raise VaurienError("%s: option '%s' must be %s, not %r"
+                               % (label, name, _TYPE_WORDS.get(
+                                   type_, type_.__name__), raw))
+        if choices is not None and value not in choices:
+            raise VaurienError("%s: option '%s' must be one of %s, not %r"
+                               % (label, name, ', '.join(map(str, choices)),
+                                  raw))
+        result[name] = value
+    checker = getattr(cls, 'check_options', None)
+    if checker is not None:
+        merged = dict((k, _option_spec(v)[2]) for k, v in cls.options.items())
+        merged.update(result)
+        try:
+            checker(merged)
+        except ValueError as exc:
+            raise VaurienError('%s: %s' % (label, exc))
+    return result
+
+
+def parse_address(text, what='address', allow_zero=False):
+    """``'host:port'`` or ``'[v6]:port'`` -> ``(host, port)``."""
+    text = str(text).strip()
+    example = ' (expected HOST:PORT, e.g. localhost:8000 or [::1]:8000)'
+    host, sep, port = text.rpartition(':')
+    if host.startswith('[') and host.endswith(']'):
+        host = host[1:-1]
+    elif ':' in host:
+        raise VaurienError('malformed %s %r: put an IPv6 address in '
+                           'brackets, e.g. [::1]:8000' % (what, text))
+    if not sep or not host or not port.isdigit():
+        raise VaurienError('malformed %s %r%s' % (what, text, example))
+    number = int(port)
+    if not (0 if allow_zero else 1) <= number <= 65535:
+        raise VaurienError('malformed %s %r: port must be 1-65535%s'
+                           % (what, text, ' (0 picks a free port)'
+                              if allow_zero else ''))
+    return host, number
+
+
+def format_address(address):
+    host, port = address[:2]
+    if ':' in host:
+        return '[%s]:%d' % (host, port)
+    return '%s:%d' % (host, port)
+
+
+# Plugin registry #########################################################
+
+class Registry(object):
+    """The plugins of one kind, by name.
+
+    ``register(cls)`` is what a plugin module calls at import time; two
+    different classes under one name are an error naming both modules.
+    """
+
+    def __init__(self, kind):
+        self.kind = kind
+        self._plugins = {}
+        self._lock = threading.Lock()
+
+    def register(self, cls, name=None):
+        name = name or getattr(cls, 'name', None)
+        if not name:
+            raise PluginError('%s class %s.%s has no name' % (
+                self.kind, cls.__module__, cls.__name__))
+        if name != getattr(cls, 'name', None):
+            cls = type(cls.__name__, (cls,), {'name': name,
+                                              '__module__': cls.__module__})
+        with self._lock:
+            old = self._plugins.get(name)
+            if old is not None and not _same_class(old, cls):
+                raise PluginError(
+                    "two %ss are named '%s': one in %s, one in %s "
+                    "(rename one of them)" % (self.kind, name,
+                                              plugin_origin(old),
+                                              plugin_origin(cls)))
+            self._plugins[name] = cls
+        return cls
+
+    def unregister(self, name):
+        self._plugins.pop(name, None)
+
+    def get(self, name):
+        try:
+            return self._plugins[name]
+        except KeyError:
+            raise VaurienError("unknown %s '%s' (known: %s)" % (
+                self.kind, name, ', '.join(self.names())))
+
+    def names(self):
+        return sorted(self._plugins)
+
+    def items(self):
+        return sorted(self._plugins.items())
+
+    def __contains__(self, name):
+        return name in self._plugins
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self):
+        return len(self._plugins)
+
+
+def _same_class(a, b):
+    if a is b:
+        return True
+    # the same module imported twice (say as __main__ and as vaurien)
+    return (a.__qualname__ == b.__qualname__ and
+            plugin_origin(a) == plugin_origin(b))
+
+
+def plugin_origin(cls):
+    """Where a plugin comes from: 'built-in' or its module and file."""
+    module = sys.modules.get(cls.__module__)
+    if module is _this:
+        return 'built-in'
+    path = getattr(module, '__file__', None)
+    if path:
+        return '%s (%s)' % (cls.__module__, os.path.relpath(path)
+                            if not os.path.isabs(path) else path)
+    return cls.__module__
+
+
+Protocol = Registry('protocol')
+Behavior = Registry('behavior')
+
+
+def get_protocols():
+    """Name -> protocol class, for every registered protocol."""
+    return dict(Protocol.items())
+
+
+def get_behaviors():
+    """Name -> behavior class, for every registered behavior."""
+    return dict(Behavior.items())
+
+
+class _Configurable(object):
+    """What protocols and behaviors share: the options table and its
+    values."""
+
+    #: The name the plugin is known under (``--protocol NAME``,
+    #: ``--behavior 10:NAME``).
+    name = None
+    #: ``{option: (description, type, default[, choices])}``: one sentence
+    #: with the unit, the type (int, float, bool, str) and the default.
+    options = {}
+
+    def update_settings(self, settings):
+        """Set option values (already checked by ``validate_options``)."""
+        self.settings.update(settings)
+
+    def option(self, name):
+        """The value of option *name*, or its default."""
+        try:
+            value = self.settings[name]
+        except KeyError:
+            return self.options[name][2]
+        type_ = self.options[name][1]
+        if isinstance(value, type_) or value is None:
+            return value
+        return convert_value(value, type_)
+
+
+# Protocols ###############################################################
+
+class BaseProtocol(_Configurable):
+    """Moves bytes between the client and the backend.
+
+    One instance serves one client connection (``self.connection``), so a
+    protocol may keep parser state in ``self``.  Subclasses implement
+    ``_handle``; the engine calls the instance (``__call__``) each time the
+    client or the backend socket is readable.
+    """
+
+    options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+
+    def __init__(self, settings=None, proxy=None):
+        self.settings = dict(settings or {})
+        self.proxy = proxy
+        self.logger = logger
+        self.connection = None
+        self._bufsize = (self.option('buffer') if 'buffer' in self.options
+                         else 65536)
+
+    def setup(self, client, backend):
+        """Called once the backend is connected, before any data moves."""
+
+    def __call__(self, source, dest, to_backend):
+        """Run one readable event through the behavior hooks.
+
+        Data from the client starts a new exchange, for which the behavior
+        mix is drawn; data from the backend belongs to the current one.
+        Returns False to close the connection.  Protocols that frame
+        requests (several in one read) may override this to start an
+        exchange per request: see ``Connection.start_exchange``.
+        """
+        conn = self.connection
+        if to_backend:
+            if conn.client_ended:
+                # nothing left but the end of the client's stream: no
+                # exchange, no behavior, just pass it on
+                return self._handle(source, dest, to_backend)
+            exchange = conn.start_exchange()
+        else:
+            exchange = conn.exchange
+        behavior = exchange.behavior
+        if behavior.passive:
+            return self._handle(source, dest, to_backend)
+        verdict = behavior.on_before_handle(self, source, dest, to_backend)
+        if verdict is False:
+            return False
+        if verdict is not HANDLED:
+            if not self._handle(source, dest, to_backend):
+                return False
+            if behavior.on_after_handle(self, source, dest,
+                                        to_backend) is False:
+                return False
+        return True
+
+    def _handle(self, source, dest, to_backend):
+        """Read what *source* has and pass it on to *dest*.
+
+        Return a true value to keep the connection, False to close it.
+        """
+        raise NotImplementedError
+
+    def _between(self, source, dest, to_backend):
+        """Call once the request went to the backend, before its answer is
+        read: runs the behavior's ``on_between_handle``."""
+        behavior = self.connection.exchange.behavior
+        if behavior.passive:
+            return True
+        return behavior.on_between_handle(self, source, dest,
+                                          to_backend) is not False
+
+    def _get_data(self, sock, buffer=None):
+        """Read up to *buffer* bytes from *sock*; ``b''`` at end of stream.
+
+        Waits while the socket has nothing yet (EWOULDBLOCK/EAGAIN on a
+        non-blocking socket).
+        """
+        while True:
+            try:
+                data = sock.recv(buffer or self._bufsize)
+                break
+            except (BlockingIOError, InterruptedError):
+                _wait_readable(sock)
+        conn = self.connection
+        if conn is not None:
+            if sock is conn.client:
+                conn.bytes_up += len(data)
+            else:
+                conn.bytes_down += len(data)
+        return data
+
+    def _end_of_stream(self, source, dest):
+        """*source* ended its stream: pass that on as a half-close of
+        *dest* and stop reading *source*.  Returns False once both
+        directions have ended (the connection is done)."""
+        try:
+            dest.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return self.connection.stop_reading(source)
+
+    def _error_answer(self, behavior):
+        """What the ``error`` behavior answers, in this protocol's words.
+
+        ``None`` means the protocol has no words for an error, and random
+        bytes are sent instead.
+        """
+        return None
+
+
+def _wait_readable(sock):
+    if _HAS_POLL:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.poll()
+    else:
+        select.select([sock], [], [])
+
+
+class TCP(BaseProtocol):
+    """Plain TCP: every byte passes as it comes, both ways at once, for the
+    connection's whole life; one side's end of stream is passed on as a
+    half-close."""
+
+    name = 'tcp'
+    options = {
+        'buffer': ("Bytes read from a socket at a time", int, 65536),
+        'keep_alive': ("Turn on TCP keep-alive probes on both sockets, for "
+                       "long quiet connections", bool, False),
+        'reuse_socket': ("Accepted for Vaurien 1.x configurations; no "
+                         "effect (each client gets its own backend "
+                         "connection)", bool, False),
+    }
+
+    def setup(self, client, backend):
+        if self.option('keep_alive'):
+            for sock in (client, backend):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def _handle(self, source, dest, to_backend):
+        data = self._get_data(source)
+        if not data:
+            return self._end_of_stream(source, dest)
+        dest.sendall(data)
+        if to_backend:
+            return self._between(source, dest, to_backend)
+        return True
+
+
+Protocol.register(TCP)
+
+
+# Behaviors ###############################################################
+
+#: A hook's answer meaning "I dealt with this data myself": the protocol's
+#: ``_handle`` is skipped and the connection goes on.
+HANDLED = 'handled'
+
+
+class Dummy(_Configurable):
+    """Passes everything through untouched.  The base of every behavior.
+
+    One instance serves the whole proxy (every connection), from the
+    moment the behavior is set until it is set again; keep per-connection
+    state in ``protocol.connection.state`` and per-exchange state in
+    ``protocol.connection.exchange.state``.
+
+    Hooks run in the connection's thread, once per readable event, with
+    the protocol instance and the two sockets (``source`` is the readable
+    one; ``to_backend`` is True when it is the client).  A hook may read
+    from ``source`` (with ``protocol._get_data``), write to either socket,
+    sleep, or close the sockets.  What its return value means:
+
+    - ``False``: close the connection (both sockets) now;
+    - ``HANDLED`` (from ``on_before_handle``): the hook consumed the data
+      itself; skip the protocol's ``_handle`` and keep the connection;
+    - anything else (``True``, ``None``): carry on.
+    """
+
+    name = 'dummy'
+    options = {}
+    #: True when no hook is overridden: the engine then skips the hooks.
+    passive = False
+
+    def __init__(self):
+        self.settings = {}
+        self.proxy = None
+        cls = type(self)
+        self.passive = all(getattr(cls, hook) is getattr(Dummy, hook)
+                           for hook in _HOOKS)
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        """Before the protocol reads *source*."""
+        return True
+
+    def on_between_handle(self, protocol, source, dest, to_backend):
+        """After the protocol sent the client's request to the backend,
+        before it relays the answer (protocols call it: see
+        ``BaseProtocol._between``)."""
+        return True
+
+    def on_after_handle(self, protocol, source, dest, to_backend):
+        """After the protocol passed the data on."""
+        return True
+
+    def __repr__(self):
+        return '<behavior %s %r>' % (self.name, self.settings)
+
+
+_HOOKS = ('on_before_handle', 'on_between_handle', 'on_after_handle')
+
+
+class Delay(Dummy):
+    """Delays the answer of each exchange it is drawn for."""
+
+    name = 'delay'
+    options = {
+        'sleep': ("Delay in seconds (decimals allowed)", float, 1.0),
+        'before': ("Wait before the request goes to the backend (true) or "
+                   "after it went, before the answer is relayed (false)",
+                   bool, True),
+    }
+
+    @staticmethod
+    def check_options(values):
+        if values['sleep'] < 0:
+            raise ValueError("option 'sleep' must be 0 or more seconds")
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        if to_backend and self.option('before'):
+            time.sleep(self.option('sleep'))
+        return True
+
+    def on_after_handle(self, protocol, source, dest, to_backend):
+        if to_backend and not self.option('before'):
+            time.sleep(self.option('sleep'))
+        return True
+
+
+class _Counted(Dummy):
+    """Counts the exchanges it is drawn for: across the whole proxy (the
+    count survives a client reconnecting), or per connection."""
+
+    def __init__(self):
+        super(_Counted, self).__init__()
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def _next_count(self, protocol):
+        """0 for the first exchange this behavior is drawn for, 1 for the
+        next, and so on."""
+        if self.option('per_connection'):
+            state = protocol.connection.state
+            key = ('count', id(self))
+            number = state.get(key, 0)
+            state[key] = number + 1
+            return number
+        with self._lock:
+            number = self._count
+            self._count += 1
+        return number
+
+
+class Error(_Counted):
+    """Answers an error instead of the backend: the protocol's own error
+    when it has one, random bytes otherwise (plain tcp)."""
+
+    name = 'error'
+    options = {
+        'inject': ("Pass the request on, then splice random bytes into the "
+                   "backend's real answer", bool, False),
+        'warmup': ("Exchanges passed through untouched before the errors "
+                   "start", int, 0),
+        'per_connection': ("Count warmup per connection instead of across "
+                           "the whole proxy", bool, False),
+        'code': ("Error code for protocols that have them (HTTP status, "
+                 "MySQL error number, SMTP reply code); 0 picks the "
+                 "protocol's usual one", int, 0),
+        'message': ("Error text for protocols that have one (e.g. a Redis "
+                    "'OOM command not allowed'); empty picks the protocol's "
+                    "usual one", str, ''),
+    }
+
+    @staticmethod
+    def check_options(values):
+        if values['code'] < 0:
+            raise ValueError("option 'code' must be 0 or more")
+        if values['warmup'] < 0:
+            raise ValueError("option 'warmup' must be 0 or more")
+
+    def _erring(self, protocol):
+        return self._next_count(protocol) >= self.option('warmup')
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        exchange = protocol.connection.exchange
+        if not to_backend:
+            if exchange.state.pop('inject', False):
+                data = protocol._get_data(source)
+                if not data:
+                    return True
+                dest.sendall(_splice_noise(data, protocol.connection.rng))
+                return HANDLED
+            return True
+        if not self._erring(protocol):
+            return True
+        if self.option('inject'):
+            exchange.state['inject'] = True
+            return True
+        data = protocol._get_data(source)
+        if not data:
+            return True       # the client's end of stream: let it through
+        answer = protocol._error_answer(self)
+        if answer is None:
+            answer = _noise(protocol.connection.rng, 1000)
+        source.sendall(answer)
+        return HANDLED
+
+
+def _noise(rng, size):
+    return bytes(bytearray(rng.getrandbits(8) for _ in range(size)))
+
+
+def _splice_noise(data, rng, size=100):
+    middle = len(data) // 2
+    return data[:middle] + _noise(rng, size) + data[middle:]
+
+
+class Transient(Error):
+    """Errors for ``agitate`` exchanges (after ``warmup`` good ones), then
+    passes everything: a backend that recovers."""
+
+    name = 'transient'
+    options = dict(Error.options)
+    options['agitate'] = ("Exchanges that fail before the backend recovers",
+                          int, 1)
+
+    @staticmethod
+    def check_options(values):
+        Error.check_options(values)
+        if values['agitate'] < 0:
+            raise ValueError("option 'agitate' must be 0 or more")
+
+    def _erring(self, protocol):
+        number = self._next_count(protocol) - self.option('warmup')
+        return 0 <= number < self.option('agitate')
+
+
+class Hang(Dummy):
+    """Reads the request and never answers, for as long as the client
+    waits (``--timeout`` does not cut it short)."""
+
+    name = 'hang'
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        if not to_backend:
+            return True
+        while protocol._get_data(source):
+            pass
+        return False
+
+
+class Blackout(Dummy):
+    """Closes the client's connection at once, without a word."""
+
+    name = 'blackout'
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        return False
+
+
+class Abort(Dummy):
+    """Passes the request to the backend, then cuts the connection before
+    the answer comes back."""
+
+    name = 'abort'
+
+    def on_between_handle(self, protocol, source, dest, to_backend):
+        return False
+
+    def on_after_handle(self, protocol, source, dest, to_backend):
+        # for protocols that never call on_between_handle
+        return not to_backend
+
+
+for _cls in (Dummy, Delay, Error, Transient, Hang, Blackout, Abort):
+    Behavior.register(_cls)
+del _cls
+
+
+def _original_module_paths():
+    """Vaurien 1.x was a package: keep its module paths importable
+    (``from vaurien.protocols.base import BaseProtocol``)."""
+    def module(name, **names):
+        made = types.ModuleType(name)
+        made.__dict__.update(names)
+        return sys.modules.setdefault(name, made)
+    base = module('vaurien.protocols.base', BaseProtocol=BaseProtocol)
+    tcp = module('vaurien.protocols.tcp', TCP=TCP)
+    _this.protocols = module('vaurien.protocols', Protocol=Protocol,
+                             BaseProtocol=BaseProtocol,
+                             get_protocols=get_protocols, base=base, tcp=tcp)
+    dummy = module('vaurien.behaviors.dummy', Dummy=Dummy)
+    _this.behaviors = module('vaurien.behaviors', Behavior=Behavior,
+                             Dummy=Dummy, get_behaviors=get_behaviors,
+                             dummy=dummy)
+
+
+_original_module_paths()
+
+
+# The mix #################################################################
+
+class Mix(object):
+    """The behaviors in force and their shares, e.g. ``20:delay,5:error``.
+
+    Each name has one behavior instance, built from its class and the
+    option values in force; the remainder of 100 goes to ``dummy``.
+    """
+
+    def __init__(self, shares, instances):
+        self.shares = shares            # [(name, percent)], as given
+        self.instances = instances      # {name: behavior}
+        bound = 0.0
+        self._table = []
+        for name, percent in shares:
+            bound += percent
+            self._table.append((bound, name, instances[name]))
+        active = [(n, p) for n, p in shares if p > 0]
+        self.single = None
+        if len(active) == 1 and active[0][1] >= 100:
+            self.single = (active[0][0], instances[active[0][0]])
+
+    def draw(self, rng):
+        if self.single is not None:
+            return self.single
+        point = rng.random() * 100
+        for bound, name, behavior in self._table:
+            if point < bound:
+                return name, behavior
+        return self._table[-1][1:]
+
+    def __str__(self):
+        if self.single is not None:
+            return self.single[0]
+        return ','.join('%s:%s' % (_number(p), n) for n, p in self.shares
+                        if p > 0)
+
+
+def _number(value):
+    return ('%d' % value) if value == int(value) else ('%g' % value)
+
+
+def parse_mix(text):
+    """``'20:delay,5:blackout'`` -> ``[('delay', 20.0), ('blackout', 5.0),
+    ('dummy', 75.0)]``; a bare name means 100."""
+    shares = collections.OrderedDict()
+    text = str(text).strip()
+    if not text:
+        raise VaurienError('empty behavior mix (expected PERCENT:NAME[,...],'
+                           ' e.g. 20:delay,5:blackout)')
+    for part in text.split(','):
+        part = part.strip()
+        percent, sep, name = part.rpartition(':')
+        name = name.strip()
+        if not sep:
+            percent = '100'
+        try:
+            value = float(percent)
+        except ValueError:
+            value = -1
+        if not name or not 0 <= value <= 100 or value != value:
+            raise VaurienError(
+                'malformed behavior mix %r at %r (expected PERCENT:NAME'
+                '[,...] with percents from 0 to 100, e.g. 20:delay,5:blackout)'
+                % (text, part))
+        Behavior.get(name)
+        if name in shares:
+            raise VaurienError("behavior '%s' appears twice in the mix %r"
+                               % (name, text))
+        shares[name] = value
+    total = sum(shares.values())
+    if total > 100 + 1e-9:
+        raise VaurienError('the behavior mix %r adds up to %s%%: the total '
+                           'must be 100 or less' % (text, _number(total)))
+    rest = 100 - total
+    if rest > 1e-9:
+        shares['dummy'] = shares.get('dummy', 0) + rest
+    return list(shares.items())
+
+
+# The engine ##############################################################
+
+class Exchange(object):
+    """One request from the client and what answers it."""
+
+    __slots__ = ('number', 'name', 'behavior', 'state')
+
+    def __init__(self, number, name, behavior):
+        self.number = number
+        self.name = name
+        self.behavior = behavior
+        self.state = {}
+
+
+class Connection(object):
+    """One client, its backend connection and the loop between them."""
+
+    def __init__(self, server, client, address):
+        self.server = server
+        self.id = next(server._ids)
+        self.client = client
+        self.client_address = address
+        self.backend = None
+        self.backend_address = server.backend
+        self.started = time.time()
+        self.bytes_up = 0       # read from the client
+        self.bytes_down = 0     # read from the backend
+        self.exchanges = 0
+        self.behaviors_met = collections.Counter()
+        self.state = {}
+        self.exchange = Exchange(0, 'dummy', server.dummy)
+        self._rng = None
+        self._poller = None
+        self._reading = {}
+        self.protocol = None
+        #: True once all that is left from the client is its end of stream
+        self.client_ended = False
+
+    @property
+    def rng(self):
+        """This connection's random generator: seeded from ``--seed`` and
+        the connection's number, so a run can be replayed."""
+        if self._rng is None:
+            seed = self.server.seed
+            if seed is None:
+                self._rng = random.Random()
+            else:
+                self._rng = random.Random('%s:%d' % (seed, self.id))
+        return self._rng
+
+    def start_exchange(self):
+        """Draw the behavior for a new exchange and make it current."""
+        self.exchanges += 1
+        mix = self.server.mix
+        if mix.single is not None:
+            name, behavior = mix.single
+        else:
+            name, behavior = mix.draw(self.rng)
+        self.exchange = exchange = Exchange(self.exchanges, name, behavior)
+        self.behaviors_met[name] += 1
+        self.server.count_exchange(name)
+        return exchange
+
+    def stop_reading(self, sock):
+        """Stop watching *sock*; False when nothing is left to watch."""
+        fd = sock.fileno()
+        if self._reading.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+        return bool(self._reading)
+
+    def describe(self):
+        return '%d %s -> %s' % (self.id, format_address(self.client_address),
+                                format_address(self.backend_address))
+
+    def run(self):
+        server = self.server
+        try:
+            self.backend = server.connect_backend()
+        except OSError as exc:
+            logger.warning('connection %s: cannot reach the backend (%s); '
+                           'closing the client', self.describe(),
+                           _os_error_text(exc))
+            server.statsd.incr('backend_errors')
+            return
+        client, backend = self.client, self.backend
+        for sock in (client, backend):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.protocol = protocol = server.make_protocol()
+        protocol.connection = self
+        protocol.setup(client, backend)
+        self._loop(protocol, client, backend)
+
+    def _loop(self, protocol, client, backend):
+        poller = self._poller = _Poller()
+        reading = self._reading
+        reading[client.fileno()] = True
+        reading[backend.fileno()] = False
+        poller.register(client.fileno())
+        poller.register(backend.fileno())
+        idle = self.server.idle_timeout
+        while reading:
+            events = poller.poll(idle)
+            if not events:
+                logger.info('connection %s: quiet for %gs, closing it',
+                            self.describe(), idle)
+                return
+            for fd, flags in events:
+                to_backend = reading.get(fd)
+                if to_backend is None:
+                    continue
+                if to_backend:
+                    if flags & _POLLRDHUP:
+                        self.client_ended = _only_end_of_stream(client)
+                    source, dest = client, backend
+                else:
+                    source, dest = backend, client
+                if not self._step(protocol, source, dest, to_backend):
+                    return
+
+    def _step(self, protocol, source, dest, to_backend):
+        try:
+            return protocol(source, dest, to_backend)
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                socket.timeout) as exc:
+            logger.debug('connection %s: %s', self.describe(),
+                         _os_error_text(exc))
+            if isinstance(exc, ConnectionResetError):
+                # one peer reset: pass the reset on to the other
+                _reset(source)
+                _reset(dest)
+            return False
+        except OSError as exc:
+            if self.server.closing:
+                return False
+            logger.info('connection %s: %s', self.describe(),
+                        _os_error_text(exc))
+            return False
+        except Exception as exc:
+            logger.error('connection %s: %s raised %s: %s; closing this '
+                         'connection', self.describe(), _culprit(exc),
+                         type(exc).__name__, exc)
+            logger.debug('%s', traceback.format_exc())
+            return False
+
+    def close(self):
+        for sock in (self.client, self.backend):
+            if sock is not None:
+                _close(sock)
+
+    def abort(self):
+        """Wake the connection's thread from another thread: it sees the
+        end of both streams and finishes."""
+        for sock in (self.client, self.backend):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def summary(self):
+        met = ' '.join('%s=%d' % item for item in
+                       sorted(self.behaviors_met.items())) or 'none'
+        return ('connection %s closed after %.3fs: %d bytes up, %d bytes '
+                'down, %d exchanges (%s)' % (
+                    self.describe(), time.time() - self.started,
+                    self.bytes_up, self.bytes_down, self.exchanges, met))
+
+
+class _Poller(object):
+    """``select.poll`` where there is one, ``selectors`` elsewhere; both
+    have no limit on descriptor numbers."""
+
+    if _HAS_POLL:
+        _MASK = (select.POLLIN | select.POLLPRI | select.POLLHUP |
+                 select.POLLERR | _POLLRDHUP)
+
+        def __init__(self):
+            self._poll = select.poll()
+
+        def register(self, fd):
+            self._poll.register(fd, self._MASK)
+
+        def unregister(self, fd):
+            self._poll.unregister(fd)
+
+        def poll(self, timeout=None):
+            ms = None if not timeout else timeout * 1000
+            while True:
+                try:
+                    return self._poll.poll(ms)
+                except InterruptedError:
+                    continue
+    else:
+        def __init__(self):
+            import selectors
+            self._sel = selectors.DefaultSelector()
+
+        def register(self, fd):
+            import selectors
+            self._sel.register(fd, selectors.EVENT_READ)
+
+        def unregister(self, fd):
+            self._sel.unregister(fd)
+
+        def poll(self, timeout=None):
+            return [(key.fd, 0) for key, _ in
+                    self._sel.select(timeout or None)]
+
+
+def _only_end_of_stream(sock):
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
+    except OSError:
+        return False
+
+
+def _os_error_text(exc):
+    if isinstance(exc, socket.timeout):
+        return 'timed out'
+    if getattr(exc, 'strerror', None):
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+def _culprit(exc):
+    """Name the plugin in whose code *exc* was raised."""
+    found = 'a plugin'
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get('self')
+        if isinstance(owner, BaseProtocol):
+            found = "protocol '%s'" % owner.name
+        elif isinstance(owner, Dummy):
+            found = "behavior '%s'" % owner.name
+        tb = tb.tb_next
+    return found
+
+
+def _close(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _reset(sock):
+    """Close *sock* with a TCP RST rather than a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                        struct.pack('ii', 1, 0))
+    except OSError:
+        pass
+    _close(sock)
+
+
+class _Statsd(object):
+    """Counters sent as plain statsd UDP lines; names have a bounded set
+    of values (no per-connection ids)."""
+
+    def __init__(self, host=None, port=8125, prefix='vaurien'):
+        self.enabled = bool(host)
+        self.prefix = prefix
+        if self.enabled:
+            self.address = (host, port)
+            self.sock = socket.socket(
+                socket.AF_INET6 if ':' in host else socket.AF_INET,
+                socket.SOCK_DGRAM)
+            self.sock.setblocking(False)
+
+    def incr(self, name, count=1):
+        if not self.enabled:
+            return
+        line = ('%s.%s:%d|c' % (self.prefix, name, count)).encode('ascii')
+        try:
+            self.sock.sendto(line, self.address)
+        except OSError:
+            pass
+
+
+class ProxyHandler(socketserver.BaseRequestHandler):
+    """Runs one client connection in its own thread."""
+
+    def handle(self):
+        server = self.server
+        conn = Connection(server, self.request, self.client_address)
+        server.connections[conn.id] = conn
+        server.statsd.incr('connections')
+        try:
+            conn.run()
+        except Exception as exc:    # never let one connection kill others
+            logger.error('connection %s: %s: %s', conn.describe(),
+                         type(exc).__name__, exc)
+            logger.debug('%s', traceback.format_exc())
+        finally:
+            server.connections.pop(conn.id, None)
+            conn.close()
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug('%s', conn.summary())
+
+
+class ProxyServer(socketserver.ThreadingTCPServer):
+    """The chaos proxy: listens on *proxy*, connects each client to
+    *backend*, and runs the behavior *mix* on every exchange."""
+
+    # a thread per connection, which must not keep the process alive
+    daemon_threads = True
+    # do not wait for connections in server_close() (Python 3.7+)
+    block_on_close = False
+    allow_reuse_address = True
+    # socketserver's default of 5 drops part of a burst of connections
+    request_queue_size = 2048
+
+    def __init__(self, proxy=('127.0.0.1', 8000), backend=('127.0.0.1', 80),
+                 protocol='tcp', behavior='dummy', timeout=30.0,
+                 idle_timeout=None, backlog=None, seed=None,
+                 protocol_options=None, behavior_options=None, statsd=None):
+        if isinstance(proxy, str):
+            proxy = parse_address(proxy, 'proxy address', allow_zero=True)
+        if isinstance(backend, str):
+            backend = parse_address(backend, 'backend address')
+        self.backend = tuple(backend)
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout or None
+        self.seed = seed
+        self.statsd = statsd or _Statsd()
+        self.protocol_class = Protocol.get(protocol)
+        self.protocol_name = protocol
+        self.protocol_settings = validate_options(
+            'protocol', self.protocol_class, protocol_options or {})
+        # option values per behavior name, kept when the mix changes
+        self.behavior_settings = {}
+        for name, values in (behavior_options or {}).items():
+            self.behavior_settings[name] = validate_options(
+                'behavior', Behavior.get(name), values)
+        self.dummy = Dummy()
+        self.connections = {}
+        self.closing = False
+        self._ids = itertools.count(1)
+        self._stats_lock = threading.Lock()
+        self.started = time.time()
+        self.exchange_counts = collections.Counter()
+        self.mix = None
+        self.set_mix(behavior)
+        if backlog:
+            self.request_queue_size = backlog
+        if ':' in proxy[0]:
+            self.address_family = socket.AF_INET6
+        socketserver.ThreadingTCPServer.__init__(self, tuple(proxy)[:2],
+                                                 ProxyHandler)
+
+    # what connections need
+
+    def connect_backend(self):
+        sock = socket.create_connection(self.backend, timeout=self.timeout)
+        sock.settimeout(None)
+        return sock
+
+    def make_protocol(self):
+        return self.protocol_class(self.protocol_settings, self)
+
+    def count_exchange(self, name):
+        with self._stats_lock:
+            self.exchange_counts[name] += 1
+        self.statsd.incr('behavior.' + name)
+
+    # changing the mix
+
+    def make_behavior(self, name, options=None):
+        """A fresh instance of behavior *name* with the options in force
+        (plus *options*); fresh, so its counters start again."""
+        cls = Behavior.get(name)
+        values = dict(self.behavior_settings.get(name, {}))
+        if options:
+            values.update(validate_options('behavior', cls, options))
+        instance = cls()
+        instance.proxy = self
+        instance.update_settings(values)
+        return instance, values
+
+    def set_mix(self, text, options=None):
+        """Put the mix *text* in force, for new exchanges of every
+        connection, open ones included.  *options* maps a behavior name to
+        option values to set with it."""
+        shares = parse_mix(text)
+        options = options or {}
+        instances = {}
+        settings = {}
+        for name, _ in shares:
+            instances[name], settings[name] = self.make_behavior(
+                name, options.get(name))
+        for name in options:
+            if name not in instances:
+                raise VaurienError("options given for behavior '%s', which "
+                                   "is not in the mix" % name)
+        self.behavior_settings.update(settings)
+        self.mix = Mix(shares, instances)
+        return self.mix
+
+    # stopping
+
+    def close_all(self):
+        """Stop accepting and close every open connection."""
+        self.closing = True
+        self.server_close()
+        for conn in list(self.connections.values()):
+            conn.abort()
+
+    def handle_error(self, request, client_address):
+        logger.error('connection from %s: %s', format_address(client_address),
+                     sys.exc_info()[1])
+
+    @property
+    def address(self):
+        """The address really listened on (``port 0`` resolved)."""
+        return self.server_address[:2]
+
+
+# Plugin discovery ########################################################
+
+# (installed name, name beside vaurien.py in the source folder)
+PLUGIN_PACKAGES = (('vaurien_protocols', 'protocols'),
+                   ('vaurien_behaviors', 'behaviors'))
+
+
+def _import_module(name, what):
+    try:
+        return importlib.import_module(name)
+    except PluginError:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise PluginError("%s '%s' failed to import: %s: %s" % (
+            what, name, type(exc).__name__, exc))
+
+
+def _plugin_package(installed, local):
+    """The package holding bundled plugins: installed under its
+    ``vaurien_`` name, or the folder beside this file."""
+    for name in (installed, local):
+        folder = os.path.join(HERE, name)
+        if not os.path.isfile(os.path.join(folder, '__init__.py')):
+            continue
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(
+                name, os.path.join(folder, '__init__.py'),
+                submodule_search_locations=[folder])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise PluginError("plugin package '%s' failed to import: "
+                                  "%s: %s" % (folder, type(exc).__name__, exc))
+        return module
+    return None
+
+
+def load_plugins(modules=(), callables=()):
+    """Import every bundled plugin module, the *modules* a user names, and
+    the *callables* ``(kind, name, 'module:Class')`` of ini sections."""
+    for installed, local in PLUGIN_PACKAGES:
+        package = _plugin_package(installed, local)
+        if package is None:
+            continue
+        for info in sorted(pkgutil.iter_modules(package.__path__),
+                           key=lambda info: info[1]):
+            if not info[1].startswith('_'):
+                _import_module('%s.%s' % (package.__name__, info[1]),
+                               'plugin module')
+    for name in modules:
+        name = name.strip()
+        if name:
+            _import_module(name, 'plugin module')
+    for kind, name, where in callables:
+        registry = Protocol if kind == 'protocol' else Behavior
+        base = BaseProtocol if kind == 'protocol' else Dummy
+        module_name, sep, attr = where.strip().partition(':')
+        if not sep:
+            module_name, _, attr = where.strip().rpartition('.')
+        if not module_name or not attr:
+            raise PluginError("[%s:%s] callable = %r: expected module:Class"
+                              % (kind, name, where))
+        module = _import_module(module_name, 'plugin module')
+        cls = getattr(module, attr, None)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError("[%s:%s] callable = %r: %s has no %s class %r"
+                              % (kind, name, where, module_name, kind, attr))
+        registry.register(cls, name)
+
+
+# Command line and configuration ##########################################
+
+DEFAULTS = collections.OrderedDict([
+    ('proxy', 'localhost:8000'),
+    ('backend', 'localhost:80'),
+    ('protocol', 'tcp'),
+    ('behavior', 'dummy'),
+    ('timeout', 30.0),
+    ('idle_timeout', 0.0),
+    ('stay_connected', False),
+    ('backlog', 2048),
+    ('seed', None),
+    ('plugins', ''),
+    ('log_level', 'info'),
+    ('log_output', '-'),
+    ('statsd', False),
+    ('statsd_host', 'localhost'),
+    ('statsd_port', 8125),
+    ('statsd_prefix', 'vaurien'),
+])
+
+_SETTING_TYPES = {'timeout': float, 'idle_timeout': float,
+                  'stay_connected': bool, 'backlog': int, 'statsd': bool,
+                  'statsd_port': int}
+_LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and no usage block."""
+
+    def error(self, message):
+        raise VaurienError('%s (see %s --help)' % (message, self.prog))
+
+
+def _base_parser(add_help=True):
+    parser = _Parser(
+        prog='vaurien', add_help=add_help, allow_abbrev=False,
+        description='A chaos TCP proxy: sits between an application and its '
+                    'backend, and delays, errors, hangs or drops on purpose.',
+        epilog='Every option can also be set in the ini file given with '
+               '--config ([vaurien] section; [behavior:NAME] and '
+               '[protocol:NAME] sections for plugin options). The command '
+               'line wins over the file.')
+    parser.add_argument('--config', metavar='FILE',
+                        help='ini file to read settings from')
+    parser.add_argument('--plugins', metavar='MODULE[,MODULE]',
+                        help='extra plugin modules to import (comma-separated)')
+    return parser
+
+
+def _add_flag(parser, flag, dest, help, bool_flag=False, metavar=None):
+    if bool_flag:
+        parser.add_argument(flag, dest=dest, nargs='?', const='true',
+                            default=None, metavar='BOOL', help=help)
+        parser.add_argument('--no-' + flag[2:], dest=dest,
+                            action='store_const', const='false',
+                            help=argparse.SUPPRESS)
+    else:
+        parser.add_argument(flag, dest=dest, default=None, metavar=metavar,
+                            help=help)
+
+
+def build_parser():
+    """The full command line, with a flag per plugin option."""
+    parser = _base_parser()
+    add = parser.add_argument
+    add('--version', action='store_true', help='print the version and exit')
+    add('--list', action='store_true',
+        help='list every protocol and behavior found, with their options, '
+             'and exit')
+    a = lambda flag, help, metavar=None: _add_flag(
+        parser, flag, flag[2:].replace('-', '_'), help, metavar=metavar)
+    b = lambda flag, help: _add_flag(
+        parser, flag, flag[2:].replace('-', '_'), help, bool_flag=True)
+    a('--proxy', 'address to listen on (default localhost:8000; port 0 picks '
+      'a free one)', 'HOST:PORT')
+    a('--backend', 'address of the backend (default localhost:80)',
+      'HOST:PORT')
+    a('--protocol', 'protocol plugin (default tcp)', 'NAME')
+    a('--behavior', 'behavior mix, PERCENT:NAME[,...] (e.g. 20:delay,5:error;'
+      ' the rest is dummy)', 'MIX')
+    a('--timeout', 'seconds allowed to connect to the backend (default 30)',
+      'SECONDS')
+    a('--idle-timeout', 'close connections quiet both ways for this many '
+      'seconds (default 0: never)', 'SECONDS')
+    b('--stay-connected', 'accepted for Vaurien 1.x: connections are never '
+      'cut for being quiet unless --idle-timeout says so')
+    a('--backlog', 'listen queue length (default 2048)', 'N')
+    a('--seed', 'seed for every random choice: the same seed and traffic '
+      'make the same choices', 'SEED')
+    a('--log-level', 'debug, info, warning, error or critical (default info)',
+      'LEVEL')
+    a('--log-output', "'-' or stderr (default), stdout, or a file path",
+      'FILE')
+    b('--statsd', 'send counters to statsd')
+    a('--statsd-host', 'statsd host (default localhost)', 'HOST')
+    a('--statsd-port', 'statsd UDP port (default 8125)', 'PORT')
+    a('--statsd-prefix', 'prefix of the statsd counters (default vaurien)',
+      'PREFIX')
+    for kind, registry in (('protocol', Protocol), ('behavior', Behavior)):
+        group = parser.add_argument_group('%s options' % kind)
+        for name, cls in registry.items():
+            for option, spec in sorted(cls.options.items()):
+                description, type_, default, choices = _option_spec(spec)
+                flag = '--%s-%s-%s' % (kind, name, option.replace('_', '-'))
+                dest = 'plugin:%s:%s:%s' % (kind, name, option)
+                text = '%s (default %s)' % (description, default)
+                if choices:
+                    text += ': one of %s' % ', '.join(map(str, choices))
+                _add_flag(group, flag, dest, text, bool_flag=type_ is bool,
+                          metavar=_TYPE_WORDS.get(type_, 'VALUE')
+                          .split()[-1].upper())
+    return parser
+
+
+def read_config(path):
+    """The ini file as ``{section: {key: value}}``."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding='utf-8') as stream:
+            parser.read_file(stream)
+    except OSError as exc:
+        raise VaurienError('cannot read config file %r: %s (give --config an '
+                           'existing ini file)' % (path, _os_error_text(exc)))
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        text = str(exc).replace('\n', ' ').strip()
+        raise VaurienError('malformed config file %r: %s (see vaurien.ini '
+                           'for the format)' % (path, text))
+    return dict((section, dict(parser.items(section)))
+                for section in parser.sections())
+
+
+def _split_section(section):
+    kind, sep, name = section.partition(':')
+    if sep and kind.strip() in ('behavior', 'protocol') and name.strip():
+        return kind.strip(), name.strip()
+    return None, None
+
+
+def load_settings(argv=None):
+    """Defaults < ini file < command line.  Returns ``(settings,
+    plugin_options, args)`` where plugin_options maps ``(kind, name)`` to
+    raw option values."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early, _ = _base_parser(add_help=False).parse_known_args(argv)
+    config = read_config(early.config) if early.config else {}
+
+    callables = []
+    for section, values in config.items():
+        kind, name = _split_section(section)
+        if kind is None and section not in ('vaurien', 'statsd'):
+            raise VaurienError(
+                "config file %r: unknown section [%s] (sections: [vaurien], "
+                "[statsd], [behavior:NAME], [protocol:NAME])"
+                % (early.config, section))
+        if kind and 'callable' in values:
+            callables.append((kind, name, values['callable']))
+    modules = []
+    for text in (config.get('vaurien', {}).get('plugins', ''), early.plugins):
+        modules.extend(m.strip() for m in (text or '').split(',') if
+                       m.strip())
+    load_plugins(modules, callables)
+
+    args = build_parser().parse_args(argv)
+    settings = collections.OrderedDict(DEFAULTS)
+    plugin_options = collections.defaultdict(dict)
+
+    def take(key, value, where):
+        key = key.strip().replace('-', '_')
+        if key not in DEFAULTS:
+            raise VaurienError('%s: unknown setting %r (known: %s)'
+                               % (where, key, ', '.join(DEFAULTS)))
+        type_ = _SETTING_TYPES.get(key)
+        if type_ is not None and value is not None:
+            try:
+                value = convert_value(value, type_)
+            except (TypeError, ValueError):
+                raise VaurienError('%s: setting %r must be %s, not %r' % (
+                    where, key, _TYPE_WORDS[type_], value))
+        settings[key] = value
+
+    where = 'config file %r' % early.config
+    for key, value in config.get('vaurien', {}).items():
+        take(key, value, where + ' [vaurien]')
+    for key, value in config.get('statsd', {}).items():
+        key = key.strip().replace('-', '_')
+        take('statsd' if key == 'enabled' else 'statsd_' + key, value,
+             where + ' [statsd]')
+    for section, values in config.items():
+        kind, name = _split_section(section)
+        if kind:
+            registry = Protocol if kind == 'protocol' else Behavior
+            registry.get(name)
+            for key, value in values.items():
+                if key != 'callable':
+                    plugin_options[(kind, name)][key.replace('-', '_')] = value
+
+    for dest, value in vars(args).items():
+        if value is None or dest in ('config', 'version', 'list'):
+            continue
+        if dest.startswith('plugin:'):
+            _, kind, name, option = dest.split(':', 3)
+            plugin_options[(kind, name)][option] = value
+        else:
+            take(dest, value, 'option --%s' % dest.replace('_', '-'))
+    return settings, dict(plugin_options), args
+
+
+def configure_logging(level='info', output='-'):
+    """Send vaurien's log to stderr, stdout or a file."""
+    level = str(level).lower()
+    if level not in _LOG_LEVELS:
+        raise VaurienError('unknown log level %r (use one of %s)'
+                           % (level, ', '.join(_LOG_LEVELS)))
+    if output in ('-', 'stderr', None, ''):
+        handler = logging.StreamHandler(sys.stderr)
+    elif output == 'stdout':
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        try:
+            handler = logging.FileHandler(output)
+        except OSError as exc:
+            raise VaurienError('cannot write the log to %r: %s (give '
+                               '--log-output a writable path)'
+                               % (output, _os_error_text(exc)))
+    handler.setFormatter(logging.Formatter(
+        '%(asctime)s [%(process)d] [%(levelname)s] %(message)s',
+        '%Y-%m-%d %H:%M:%S'))
+    logger.handlers[:] = [handler]
+    logger.setLevel(getattr(logging, level.upper()))
+    logger.propagate = False
+
+
+def build_server(settings, plugin_options):
+    """A ProxyServer from checked settings (see ``load_settings``)."""
+    protocol = settings['protocol']
+    Protocol.get(protocol)
+    behavior_options = {}
+    for (kind, name), values in plugin_options.items():
+        if kind == 'behavior':
+            behavior_options[name] = values
+        elif name != protocol:
+            validate_options('protocol', Protocol.get(name), values)
+    statsd = None
+    if settings['statsd']:
+        statsd = _Statsd(settings['statsd_host'], settings['statsd_port'],
+                         settings['statsd_prefix'])
+    for key in ('timeout', 'idle_timeout'):
+        if settings[key] < 0:
+            raise VaurienError('%s must be 0 or more seconds' % key)
+    if settings['timeout'] == 0:
+        settings['timeout'] = None
+    proxy = parse_address(settings['proxy'], 'proxy address', allow_zero=True)
+    backend = parse_address(settings['backend'], 'backend address')
+    try:
+        return ProxyServer(
+            proxy, backend, protocol=protocol, behavior=settings['behavior'],
+            timeout=settings['timeout'],
+            idle_timeout=settings['idle_timeout'],
+            backlog=settings['backlog'], seed=settings['seed'],
+            protocol_options=plugin_options.get(('protocol', protocol)),
+            behavior_options=behavior_options, statsd=statsd)
+    except OSError as exc:
+        hint = ('stop what uses it or pick another port'
+                if exc.errno == errno.EADDRINUSE else 'check --proxy')
+        raise VaurienError('cannot listen on %s: %s (%s)' % (
+            format_address(proxy), _os_error_text(exc), hint))
+
+
+def list_plugins(out=None):
+    """Print every protocol and behavior with its origin and options."""
+    out = out or sys.stdout
+    for title, registry in (('Protocols', Protocol), ('Behaviors', Behavior)):
+        out.write('%s:\n' % title)
+        for name, cls in registry.items():
+            doc = (cls.__doc__ or '').strip().split('\n\n')[0]
+            doc = ' '.join(doc.split())
+            out.write('  %-12s %s\n' % (name, plugin_origin(cls)))
+            if doc:
+                out.write('      %s\n' % doc)
+            for option, spec in sorted(cls.options.items()):
+                description, type_, default, choices = _option_spec(spec)
+                extra = ' (one of %s)' % ', '.join(map(str, choices)) \
+                    if choices else ''
+                out.write('      %s = %r  [%s] %s%s\n' % (
+                    option, default, type_.__name__, description, extra))
+        out.write('\n')
+
+
+def serve(server):
+    """Serve until SIGTERM or SIGINT, then close everything."""
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[signum] = signal.signal(signum, stop)
+        except ValueError:      # not the main thread
+            pass
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.close_all()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    logger.info('stopped')
+
+
+def main(argv=None):
+    """The ``vaurien`` command.  Returns the exit status."""
+    try:
+        settings, plugin_options, args = load_settings(argv)
+        if args.version:
+            print('vaurien %s' % __version__)
+            return 0
+        if args.list:
+            list_plugins()
+            return 0
+        configure_logging(settings['log_level'], settings['log_output'])
+        server = build_server(settings, plugin_options)
+    except VaurienError as exc:
+        sys.stderr.write('vaurien: error: %s\n' % exc)
+        return 2
+    logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
+                __version__, format_address(server.address),
+                format_address(server.backend), server.protocol_name,
+                server.mix)
+    serve(server)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
