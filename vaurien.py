@@ -44,20 +44,28 @@ __version__ = '2.0.0.dev0'
 import argparse
 import collections
 import configparser
+import contextlib
 import errno
+import hmac
+import http.client
+import http.server
 import importlib
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import pkgutil
 import random
 import select
+import shutil
 import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -84,7 +92,15 @@ _POLLRDHUP = getattr(select, 'POLLRDHUP',
 # Errors ##################################################################
 
 class VaurienError(Exception):
-    """A mistake in what the user asked for: one line, no traceback."""
+    """A mistake in what the user asked for: one line, no traceback.
+
+    *field* names what was wrong (an option, 'name', 'backend') for the
+    control API's error answers.
+    """
+
+    def __init__(self, message, field=None):
+        Exception.__init__(self, message)
+        self.field = field
 
 
 class PluginError(VaurienError):
@@ -146,18 +162,18 @@ def validate_options(kind, cls, values):
         if name not in cls.options:
             known = ', '.join(sorted(cls.options)) or 'none'
             raise VaurienError("%s has no option '%s' (its options: %s)"
-                               % (label, key, known))
+                               % (label, key, known), key)
         _, type_, _, choices = _option_spec(cls.options[name])
         try:
             value = convert_value(raw, type_)
         except (TypeError, ValueError):
             raise VaurienError("%s: option '%s' must be %s, not %r"
                                % (label, name, _TYPE_WORDS.get(
-                                   type_, type_.__name__), raw))
+                                   type_, type_.__name__), raw), name)
         if choices is not None and value not in choices:
             raise VaurienError("%s: option '%s' must be one of %s, not %r"
                                % (label, name, ', '.join(map(str, choices)),
-                                  raw))
+                                  raw), name)
         result[name] = value
     checker = getattr(cls, 'check_options', None)
     if checker is not None:
@@ -238,7 +254,7 @@ class Registry(object):
             return self._plugins[name]
         except KeyError:
             raise VaurienError("unknown %s '%s' (known: %s)" % (
-                self.kind, name, ', '.join(self.names())))
+                self.kind, name, ', '.join(self.names())), 'name')
 
     def names(self):
         return sorted(self._plugins)
@@ -888,7 +904,7 @@ class Connection(object):
     def run(self):
         server = self.server
         try:
-            self.backend = server.connect_backend()
+            self.backend = server.connect_backend(self.backend_address)
         except OSError as exc:
             logger.warning('connection %s: cannot reach the backend (%s); '
                            'closing the client', self.describe(),
@@ -1110,6 +1126,7 @@ class ProxyHandler(socketserver.BaseRequestHandler):
         finally:
             server.connections.pop(conn.id, None)
             conn.close()
+            server.count_closed(conn)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug('%s', conn.summary())
 
@@ -1143,7 +1160,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.protocol_name = protocol
         self.protocol_settings = validate_options(
             'protocol', self.protocol_class, protocol_options or {})
-        # option values per behavior name, kept when the mix changes
+        # option values per behavior name from the command line and ini
+        # file: the base of every behavior set, live changes included
         self.behavior_settings = {}
         for name, values in (behavior_options or {}).items():
             self.behavior_settings[name] = validate_options(
@@ -1155,6 +1173,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._stats_lock = threading.Lock()
         self.started = time.time()
         self.exchange_counts = collections.Counter()
+        # totals of the connections that ended (open ones are added live)
+        self.totals = collections.Counter()
         self.mix = None
         self.set_mix(behavior)
         if backlog:
@@ -1166,13 +1186,22 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     # what connections need
 
-    def connect_backend(self):
-        sock = socket.create_connection(self.backend, timeout=self.timeout)
+    def connect_backend(self, address=None):
+        sock = socket.create_connection(address or self.backend,
+                                        timeout=self.timeout)
         sock.settimeout(None)
         return sock
 
     def make_protocol(self):
         return self.protocol_class(self.protocol_settings, self)
+
+    def count_closed(self, conn):
+        with self._stats_lock:
+            self.totals['connections'] += 1
+            self.totals['bytes_up'] += conn.bytes_up
+            self.totals['bytes_down'] += conn.bytes_down
+            if conn.backend is None:
+                self.totals['backend_errors'] += 1
 
     def count_exchange(self, name):
         with self._stats_lock:
@@ -1208,7 +1237,6 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             if name not in instances:
                 raise VaurienError("options given for behavior '%s', which "
                                    "is not in the mix" % name)
-        self.behavior_settings.update(settings)
         self.mix = Mix(shares, instances)
         return self.mix
 
@@ -1229,6 +1257,536 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def address(self):
         """The address really listened on (``port 0`` resolved)."""
         return self.server_address[:2]
+
+
+# The control API ########################################################
+
+def _options_in_force(behavior):
+    values = dict((name, _option_spec(spec)[2])
+                  for name, spec in behavior.options.items())
+    values.update(behavior.settings)
+    return values
+
+
+class Controller(object):
+    """What the control API can do to one proxy, as a table of routes:
+    ``call(method, path, body)`` -> ``(status, answer)``.  The HTTP front
+    end and the in-process helper share it, so both check the same way.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.routes = {
+            '/behavior': {'GET': self.get_behavior, 'PUT': self.set_behavior,
+                          'POST': self.set_behavior},
+            '/behaviors': {'GET': self.list_behaviors},
+            '/backend': {'GET': self.get_backend, 'PUT': self.set_backend,
+                         'POST': self.set_backend},
+            '/connections': {'GET': self.connections},
+            '/stats': {'GET': self.stats},
+            '/version': {'GET': self.version},
+            '/health': {'GET': self.health},
+        }
+
+    def call(self, method, path, body=b''):
+        path = path.split('?', 1)[0].rstrip('/') or '/'
+        route = self.routes.get(path)
+        if route is None:
+            return 404, _error('url', 'path', 'no such endpoint %r (try: %s)'
+                               % (path, ', '.join(sorted(self.routes))))
+        handler = route.get(method)
+        if handler is None:
+            return 405, _error('method', 'method', '%s is not allowed on %s '
+                               '(allowed: %s)' % (method, path,
+                                                  ', '.join(sorted(route))))
+        if method in ('PUT', 'POST'):
+            try:
+                data = json.loads(body.decode('utf-8') if body else '')
+            except ValueError as exc:
+                return 400, _error('body', '', 'the body is not valid JSON: '
+                                   '%s' % exc)
+            if not isinstance(data, dict):
+                return 400, _error('body', '', 'the body must be a JSON '
+                                   'object')
+            args = (data,)
+        else:
+            args = ()
+        try:
+            return 200, handler(*args)
+        except VaurienError as exc:
+            return 400, _error('body', exc.field or '', str(exc))
+
+    # the routes
+
+    def get_behavior(self):
+        mix = self.server.mix
+        return {'behavior': str(mix),
+                'mix': [{'name': name, 'percent': percent}
+                        for name, percent in mix.shares],
+                'options': dict((name, _options_in_force(behavior))
+                                for name, behavior in mix.instances.items())}
+
+    def set_behavior(self, data):
+        data = dict(data)
+        if 'behavior' in data:
+            mix = data.pop('behavior')
+            options = data.pop('options', None) or {}
+            if data:
+                raise VaurienError('unexpected keys beside "behavior": %s'
+                                   % ', '.join(sorted(data)), sorted(data)[0])
+            if not isinstance(mix, str) or not isinstance(options, dict):
+                raise VaurienError('"behavior" must be a mix string and '
+                                   '"options" an object of objects',
+                                   'behavior')
+        elif 'name' in data:
+            mix = data.pop('name')
+            if not isinstance(mix, str):
+                raise VaurienError('"name" must be a string', 'name')
+            options = {mix: data} if data else {}
+        else:
+            raise VaurienError('the body needs a "name" key (or a '
+                               '"behavior" mix)', 'name')
+        for values in options.values():
+            if not isinstance(values, dict):
+                raise VaurienError('"options" must map behavior names to '
+                                   'objects', 'options')
+        self.server.set_mix(mix, options)
+        logger.info('behavior changed to %s', self.server.mix)
+        return {'status': 'ok'}
+
+    def list_behaviors(self):
+        return {'behaviors': Behavior.names()}
+
+    def get_backend(self):
+        return {'backend': format_address(self.server.backend)}
+
+    def set_backend(self, data):
+        backend = data.get('backend')
+        if not isinstance(backend, str):
+            raise VaurienError('the body needs a "backend" key: "host:port"',
+                               'backend')
+        try:
+            self.server.backend = parse_address(backend, 'backend address')
+        except VaurienError as exc:
+            raise VaurienError(str(exc), 'backend')
+        logger.info('backend changed to %s (for new connections)',
+                    format_address(self.server.backend))
+        return {'status': 'ok'}
+
+    def connections(self):
+        now = time.time()
+        found = []
+        for conn in sorted(list(self.server.connections.values()),
+                           key=lambda conn: conn.id):
+            found.append({
+                'id': conn.id,
+                'client': format_address(conn.client_address),
+                'backend': format_address(conn.backend_address),
+                'age': round(now - conn.started, 3),
+                'bytes_up': conn.bytes_up, 'bytes_down': conn.bytes_down,
+                'exchanges': conn.exchanges,
+                'behavior': conn.exchange.name})
+        return {'connections': found}
+
+    def stats(self):
+        server = self.server
+        with server._stats_lock:
+            totals = dict(server.totals)
+            exchanges = dict(server.exchange_counts)
+        open_now = list(server.connections.values())
+        return {
+            'uptime': round(time.time() - server.started, 3),
+            'connections': totals.get('connections', 0) + len(open_now),
+            'open_connections': len(open_now),
+            'backend_errors': totals.get('backend_errors', 0),
+            'bytes_up': totals.get('bytes_up', 0) +
+            sum(c.bytes_up for c in open_now),
+            'bytes_down': totals.get('bytes_down', 0) +
+            sum(c.bytes_down for c in open_now),
+            'exchanges': exchanges,
+            'behavior': str(server.mix)}
+
+    def version(self):
+        return {'version': __version__}
+
+    def health(self):
+        return {'status': 'ok', 'proxy': format_address(self.server.address),
+                'backend': format_address(self.server.backend)}
+
+
+def _error(location, name, description):
+    """An error answer in Vaurien 1.x's format."""
+    return {'status': 'error', 'errors': [
+        {'location': location, 'name': name, 'description': description}]}
+
+
+_LOOPBACK_NAMES = ('localhost', '127.0.0.1', '::1', 'ip6-localhost')
+
+
+class ControlHandler(http.server.BaseHTTPRequestHandler):
+    """The control API over HTTP: JSON in, JSON out."""
+
+    server_version = 'vaurien/' + __version__
+    protocol_version = 'HTTP/1.1'
+    # seconds a client may take over its request: a slow client costs its
+    # own thread only, never the proxy's traffic
+    timeout = 10
+    max_body = 1 << 20
+
+    def _serve(self):
+        method = self.command
+        refusal = self._refusal()
+        if refusal is not None:
+            status, answer = refusal
+        else:
+            try:
+                length = int(self.headers.get('Content-Length') or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > self.max_body:
+                status, answer = 413 if length > 0 else 400, _error(
+                    'header', 'Content-Length', 'a body of 0 to %d bytes '
+                    'is expected' % self.max_body)
+                self.close_connection = True
+            else:
+                body = self.rfile.read(length) if length else b''
+                status, answer = self.server.controller.call(
+                    method, self.path, body)
+        data = (json.dumps(answer, sort_keys=True) + '\n').encode('utf-8')
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('Cache-Control', 'no-store')
+        self.end_headers()
+        if method != 'HEAD':
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _serve
+
+    def _refusal(self):
+        """Requests a web page could make (forged against localhost from a
+        browser) are refused; so are requests without the token."""
+        headers = self.headers
+        agent = headers.get('User-Agent', '')
+        if (headers.get('Origin') is not None or agent.startswith('Mozilla/')
+                or any(name.lower().startswith('sec-fetch-')
+                       for name in headers.keys())):
+            return 403, _error('header', 'Origin', 'requests from web '
+                               'browsers are refused: use curl, a script or '
+                               'vaurien.Client')
+        host = headers.get('Host', '')
+        name = host.rsplit(':', 1)[0] if not host.endswith(']') else host
+        name = name.strip('[]').lower()
+        if (self.server.loopback_only and name and
+                name not in _LOOPBACK_NAMES and not name.startswith('127.')):
+            return 403, _error('header', 'Host', 'this API answers to '
+                               'localhost only, not %r' % host)
+        token = self.server.token
+        if token and self.path.split('?')[0].rstrip('/') != '/health':
+            given = headers.get('Authorization', '')
+            if not hmac.compare_digest(given.encode('utf-8'),
+                                       ('Bearer ' + token).encode('utf-8')):
+                return 401, _error('header', 'Authorization', 'a bearer '
+                                   'token is required (--http-token)')
+        return None
+
+    def log_message(self, format, *args):
+        logger.debug('control API: %s %s', self.address_string(),
+                     format % args)
+
+
+class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The control API's HTTP server, for one ProxyServer."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address, proxy, token=None):
+        self.proxy = proxy
+        self.controller = Controller(proxy)
+        self.token = token or None
+        host = address[0]
+        self.loopback_only = (host in _LOOPBACK_NAMES or
+                              host.startswith('127.'))
+        if ':' in host:
+            self.address_family = socket.AF_INET6
+        http.server.HTTPServer.__init__(self, tuple(address)[:2],
+                                        ControlHandler)
+
+    @property
+    def address(self):
+        return self.server_address[:2]
+
+
+# Client helpers #########################################################
+
+class ControlError(VaurienError):
+    """The control API said no: carries the HTTP status and the server's
+    description."""
+
+    def __init__(self, status, answer):
+        errors = answer.get('errors') or [{}] if isinstance(answer, dict) \
+            else [{}]
+        description = errors[0].get('description') or str(answer)
+        VaurienError.__init__(self, description, errors[0].get('name'))
+        self.status = status
+        self.answer = answer
+
+
+class _ControlMethods(object):
+    """The control calls, on top of ``self._call(method, path, body)``."""
+
+    def get_behavior(self):
+        """The behavior in force: a name, or a mix like 20:delay,10:error."""
+        return self._call('GET', '/behavior')['behavior']
+
+    def get_behavior_options(self):
+        """Option values in force, by behavior name."""
+        return self._call('GET', '/behavior')['options']
+
+    def set_behavior(self, name, **options):
+        """Put behavior *name* (or a mix) in force, with these options;
+        options left out take the proxy's configured values."""
+        body = {'name': name}
+        body.update(options)
+        return self._call('PUT', '/behavior', body)
+
+    def set_mix(self, mix, options=None):
+        """Put a mix in force, e.g. ``set_mix('20:delay,10:error',
+        {'delay': {'sleep': 0.5}})``."""
+        return self._call('PUT', '/behavior',
+                          {'behavior': mix, 'options': options or {}})
+
+    def list_behaviors(self):
+        return self._call('GET', '/behaviors')['behaviors']
+
+    def get_backend(self):
+        return self._call('GET', '/backend')['backend']
+
+    def set_backend(self, backend):
+        """New connections go to *backend* ('host:port' or a tuple)."""
+        if not isinstance(backend, str):
+            backend = format_address(backend)
+        return self._call('PUT', '/backend', {'backend': backend})
+
+    def connections(self):
+        return self._call('GET', '/connections')['connections']
+
+    def stats(self):
+        return self._call('GET', '/stats')
+
+    def health(self):
+        return self._call('GET', '/health')
+
+    def version(self):
+        return self._call('GET', '/version')['version']
+
+    @contextlib.contextmanager
+    def with_behavior(self, name, **options):
+        """Put *name* in force for the ``with`` block, then restore the
+        previous behavior (or mix) and its options, exceptions included."""
+        before = self._call('GET', '/behavior')
+        self.set_behavior(name, **options)
+        try:
+            yield self
+        finally:
+            self._call('PUT', '/behavior', {'behavior': before['behavior'],
+                                            'options': before['options']})
+
+    behavior = with_behavior
+
+
+class Client(_ControlMethods):
+    """Talks to a proxy's control API (``--http``) over HTTP."""
+
+    def __init__(self, host='localhost', port=8080, scheme='http',
+                 token=None, timeout=10.0):
+        if scheme != 'http':
+            raise VaurienError('the control API speaks plain http only')
+        self.host = host
+        self.port = int(port)
+        self.token = token
+        self.timeout = timeout
+
+    def _call(self, method, path, body=None):
+        # http.client, not urllib: no http_proxy variable may reroute us
+        conn = http.client.HTTPConnection(self.host, self.port,
+                                          timeout=self.timeout)
+        headers = {'User-Agent': 'vaurien-client/' + __version__,
+                   'Accept': 'application/json'}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode('utf-8')
+            headers['Content-Type'] = 'application/json'
+        if self.token:
+            headers['Authorization'] = 'Bearer ' + self.token
+        try:
+            conn.request(method, path, data, headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise VaurienError('cannot reach the control API at %s: %s'
+                               % (format_address((self.host, self.port)),
+                                  _os_error_text(exc)))
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(raw.decode('utf-8'))
+        except ValueError:
+            answer = {'errors': [{'description': raw[:200].decode(
+                'latin-1')}]}
+        if response.status >= 400:
+            raise ControlError(response.status, answer)
+        return answer
+
+
+class LocalProxy(_ControlMethods):
+    """A proxy running in this process (see ``proxy()``): its address, its
+    server, and the control calls, made without HTTP."""
+
+    def __init__(self, server, control=None):
+        self.server = server
+        self.control = control
+        self.address = server.address
+        self.host, self.port = self.address
+        self.http_address = control.address if control else None
+        self._controller = Controller(server)
+
+    def _call(self, method, path, body=None):
+        data = json.dumps(body).encode('utf-8') if body is not None else b''
+        status, answer = self._controller.call(method, path, data)
+        if status >= 400:
+            raise ControlError(status, answer)
+        return answer
+
+    def client(self):
+        """A ``Client`` for the control API (``proxy(..., http=True)``)."""
+        host, port = self.http_address
+        return Client(host, port, token=self.control.token)
+
+
+@contextlib.contextmanager
+def proxy(backend, address=('127.0.0.1', 0), behavior='dummy',
+          protocol='tcp', http=False, http_address=('127.0.0.1', 0),
+          http_token=None, **options):
+    """Run a proxy in a background thread of this process::
+
+        with vaurien.proxy(backend=('localhost', 6379)) as p:
+            redis.Redis(*p.address) ...
+            with p.behavior('blackout'):
+                ...
+
+    Other keywords go to ProxyServer (timeout, idle_timeout, seed,
+    protocol_options, behavior_options).  Several can run at once.
+    """
+    server = ProxyServer(address, backend, protocol=protocol,
+                         behavior=behavior, **options)
+    threads = [threading.Thread(target=server.serve_forever,
+                                kwargs={'poll_interval': 0.05},
+                                name='vaurien-proxy', daemon=True)]
+    control = None
+    try:
+        if http:
+            control = ControlServer(http_address, server, http_token)
+            threads.append(threading.Thread(
+                target=control.serve_forever, kwargs={'poll_interval': 0.05},
+                name='vaurien-control', daemon=True))
+    except OSError:
+        server.server_close()
+        raise
+    for thread in threads:
+        thread.start()
+    try:
+        yield LocalProxy(server, control)
+    finally:
+        if control is not None:
+            control.shutdown()
+            control.server_close()
+        server.shutdown()
+        server.close_all()
+
+
+class ProxyProcess(int):
+    """What ``start_proxy`` returns: the process id (an int, as in Vaurien
+    1.x), with the real addresses as attributes."""
+
+    def __new__(cls, process, ready):
+        self = int.__new__(cls, process.pid)
+        self.process = process
+        self.proxy_host, self.proxy_port = ready['proxy']
+        self.http_host, self.http_port = ready.get('http') or (None, None)
+        return self
+
+    @property
+    def pid(self):
+        return int(self)
+
+
+_PROCESSES = {}
+
+
+def start_proxy(proxy_host='localhost', proxy_port=8000,
+                backend_host='localhost', backend_port=8888, protocol='tcp',
+                http=True, warmup=10, http_host='localhost', http_port=8080,
+                options=None, log_level='info', log_output='-'):
+    """Start vaurien.py in a new process and wait until it listens.
+
+    Port 0 picks a free port; the result is the process id, with the real
+    ports as ``.proxy_port`` and ``.http_port``.  *warmup* is how many
+    seconds it may take to start; a proxy that fails to start raises
+    VaurienError carrying its error output.  Stop it with ``stop_proxy``.
+    """
+    folder = tempfile.mkdtemp(prefix='vaurien-')
+    ready_file = os.path.join(folder, 'ready.json')
+    errors_path = os.path.join(folder, 'stderr.txt')
+    cmd = [sys.executable, os.path.abspath(__file__),
+           '--proxy', format_address((proxy_host, proxy_port)),
+           '--backend', format_address((backend_host, backend_port)),
+           '--protocol', protocol, '--log-level', log_level,
+           '--log-output', log_output, '--ready-file', ready_file]
+    if http:
+        cmd += ['--http', '--http-host', http_host,
+                '--http-port', str(http_port)]
+    cmd += list(options or ())
+    with open(errors_path, 'w') as errors:
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=errors)
+    deadline = time.time() + (warmup or 10)
+    try:
+        while not os.path.exists(ready_file):
+            if process.poll() is not None or time.time() > deadline:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                with open(errors_path) as stream:
+                    output = stream.read().strip()
+                raise VaurienError('the proxy did not start (%s): %s' % (
+                    'exit status %s' % process.returncode
+                    if process.returncode >= 0 else 'too slow',
+                    output or 'no output'))
+            time.sleep(0.01)
+        with open(ready_file) as stream:
+            ready = json.load(stream)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    handle = ProxyProcess(process, ready)
+    _PROCESSES[handle.pid] = process
+    return handle
+
+
+def stop_proxy(pid):
+    """Stop a proxy started with ``start_proxy``."""
+    process = _PROCESSES.pop(int(pid), None)
+    if process is None:
+        raise VaurienError('no proxy started here has process id %s' % pid)
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return process.returncode
 
 
 # Plugin discovery ########################################################
@@ -1326,11 +1884,16 @@ DEFAULTS = collections.OrderedDict([
     ('statsd_host', 'localhost'),
     ('statsd_port', 8125),
     ('statsd_prefix', 'vaurien'),
+    ('http', False),
+    ('http_host', '127.0.0.1'),
+    ('http_port', 8080),
+    ('http_token', None),
+    ('ready_file', None),
 ])
 
 _SETTING_TYPES = {'timeout': float, 'idle_timeout': float,
                   'stay_connected': bool, 'backlog': int, 'statsd': bool,
-                  'statsd_port': int}
+                  'statsd_port': int, 'http': bool, 'http_port': int}
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
 
 
@@ -1406,6 +1969,16 @@ def build_parser():
     a('--statsd-port', 'statsd UDP port (default 8125)', 'PORT')
     a('--statsd-prefix', 'prefix of the statsd counters (default vaurien)',
       'PREFIX')
+    b('--http', 'serve the control API (REST, JSON) to read and change the '
+      'behavior live')
+    a('--http-host', 'address of the control API (default 127.0.0.1)',
+      'HOST')
+    a('--http-port', 'port of the control API (default 8080; 0 picks a '
+      'free one)', 'PORT')
+    a('--http-token', 'require this bearer token on the control API',
+      'TOKEN')
+    a('--ready-file', 'once listening, write the real addresses there as '
+      'JSON (for scripts that start vaurien on port 0)', 'FILE')
     for kind, registry in (('protocol', Protocol), ('behavior', Behavior)):
         group = parser.add_argument_group('%s options' % kind)
         for name, cls in registry.items():
@@ -1596,10 +2169,13 @@ def list_plugins(out=None):
         out.write('\n')
 
 
-def serve(server):
+def serve(server, control=None):
     """Serve until SIGTERM or SIGINT, then close everything."""
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
+    if control is not None:
+        threading.Thread(target=control.serve_forever, name='vaurien-control',
+                         kwargs={'poll_interval': 0.2}, daemon=True).start()
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -1609,14 +2185,47 @@ def serve(server):
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if control is not None:
+            control.shutdown()
+            control.server_close()
         server.close_all()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     logger.info('stopped')
 
 
+def start_control(settings, server):
+    """The control API's server, when --http asks for it."""
+    if not settings['http']:
+        return None
+    address = (settings['http_host'], settings['http_port'])
+    try:
+        return ControlServer(address, server, settings['http_token'])
+    except OSError as exc:
+        server.server_close()
+        raise VaurienError('cannot serve the control API on %s: %s (pick '
+                           'another --http-port)' % (format_address(address),
+                                                     _os_error_text(exc)))
+
+
+def write_ready_file(path, server, control):
+    ready = {'proxy': list(server.address), 'pid': os.getpid(),
+             'http': list(control.address) if control else None}
+    partial = path + '.partial'
+    try:
+        with open(partial, 'w') as stream:
+            json.dump(ready, stream)
+        os.rename(partial, path)
+    except OSError as exc:
+        raise VaurienError('cannot write --ready-file %r: %s' % (
+            path, _os_error_text(exc)))
+
+
 def main(argv=None):
     """The ``vaurien`` command.  Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['ctl']:
+        return ctl_main(argv[1:])
     try:
         settings, plugin_options, args = load_settings(argv)
         if args.version:
@@ -1627,15 +2236,117 @@ def main(argv=None):
             return 0
         configure_logging(settings['log_level'], settings['log_output'])
         server = build_server(settings, plugin_options)
+        control = start_control(settings, server)
+        logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
+                    __version__, format_address(server.address),
+                    format_address(server.backend), server.protocol_name,
+                    server.mix)
+        if control is not None:
+            logger.info('control API on http://%s%s',
+                        format_address(control.address),
+                        ' (bearer token required)' if control.token else '')
+        if settings['ready_file']:
+            write_ready_file(settings['ready_file'], server, control)
     except VaurienError as exc:
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2
-    logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
-                __version__, format_address(server.address),
-                format_address(server.backend), server.protocol_name,
-                server.mix)
-    serve(server)
+    serve(server, control)
     return 0
+
+
+def ctl_main(argv):
+    """``vaurien ctl``: the control API from the command line."""
+    parser = _Parser(prog='vaurien ctl', allow_abbrev=False,
+                     description='Read or change the behavior of a running '
+                                 'vaurien (started with --http).')
+    parser.add_argument('--host', default='localhost',
+                        help='host of the control API, or its URL '
+                             '(default localhost)')
+    parser.add_argument('--port', type=int, default=None,
+                        help='port of the control API (default 8080)')
+    parser.add_argument('--token', default=None,
+                        help='bearer token (--http-token of the proxy)')
+    actions = parser.add_subparsers(dest='action', metavar='ACTION')
+    actions.add_parser('get-behavior', help='print the behavior in force')
+    setter = actions.add_parser(
+        'set-behavior', help='set a behavior (or a mix): set-behavior delay '
+        '--sleep 2, set-behavior 20:delay,10:error')
+    setter.add_argument('name')
+    actions.add_parser('list-behaviors', help='list the known behaviors')
+    actions.add_parser('get-backend', help='print the backend')
+    backend = actions.add_parser('set-backend',
+                                 help='send new connections to HOST:PORT')
+    backend.add_argument('backend', metavar='HOST:PORT')
+    for name in ('connections', 'stats', 'health'):
+        actions.add_parser(name, help='print /%s as JSON' % name)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.action is None:
+            raise VaurienError('which action? (see vaurien ctl --help)')
+        if extra and args.action != 'set-behavior':
+            parser.error('unrecognized arguments: %s' % ' '.join(extra))
+        host, port = args.host, args.port
+        if '://' in host:
+            netloc = host.split('://', 1)[1].split('/', 1)[0]
+            host, _, url_port = netloc.rpartition(':')
+            if not host:
+                host, url_port = netloc, ''
+            port = port or (int(url_port) if url_port.isdigit() else None)
+        client = Client(host.strip('[]'), port or 8080, token=args.token)
+        action = args.action
+        if action == 'get-behavior':
+            print(client.get_behavior())
+        elif action == 'set-behavior':
+            client.set_mix(args.name, _mix_options(args.name, extra))
+            print('behavior changed to %s' % client.get_behavior())
+        elif action == 'list-behaviors':
+            print(', '.join(client.list_behaviors()))
+        elif action == 'get-backend':
+            print(client.get_backend())
+        elif action == 'set-backend':
+            client.set_backend(args.backend)
+            print('backend changed to %s' % client.get_backend())
+        else:
+            print(json.dumps(getattr(client, action)(), indent=2,
+                             sort_keys=True))
+    except VaurienError as exc:
+        sys.stderr.write('vaurien ctl: error: %s\n' % exc)
+        return 1
+    return 0
+
+
+def _mix_options(mix, words):
+    """Options of ``ctl set-behavior``: ``--sleep 2`` for the one behavior
+    of the mix that is not dummy, ``--delay.sleep 2`` for any."""
+    names = [name for name, _ in parse_mix(mix) if name != 'dummy']
+    options = {}
+    for key, value in _option_pairs(words).items():
+        name, dot, option = key.rpartition('.')
+        if not dot:
+            if len(names) != 1:
+                raise VaurienError('say which behavior --%s is for: --NAME.%s'
+                                   % (key, key))
+            name = names[0]
+        options.setdefault(name, {})[option] = value
+    return options
+
+
+def _option_pairs(words):
+    """['--sleep', '2', '--before=false'] -> {'sleep': '2', 'before':
+    'false'} (the proxy converts the values)."""
+    options = {}
+    words = list(words)
+    while words:
+        word = words.pop(0)
+        if not word.startswith('--') or word == '--':
+            raise VaurienError('unexpected %r: options go as --NAME VALUE'
+                               % word)
+        name, sep, value = word[2:].partition('=')
+        if not sep:
+            value = words.pop(0) if words and not words[0].startswith('--') \
+                else 'true'
+        options[name.replace('-', '_')] = value
+    return options
 
 
 if __name__ == '__main__':

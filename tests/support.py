@@ -3,6 +3,7 @@ receive bounded by a timeout, so no test can hang."""
 
 import contextlib
 import hashlib
+import http.server
 import os
 import re
 import selectors
@@ -242,7 +243,13 @@ class Proxy(object):
 def run_vaurien(args, cwd=None, env=None, timeout=30, script=VAURIEN_PY,
                 isolated=False):
     """Run vaurien.py to completion; returns (returncode, stdout, stderr)."""
-    cmd = [sys.executable] + (['-I'] if isolated else []) + [script] + args
+    return run_command((['-I'] if isolated else []) + [script] + args,
+                       cwd=cwd, env=env, timeout=timeout)
+
+
+def run_command(args, cwd=None, env=None, timeout=60):
+    """Run this Python with *args*; returns (returncode, stdout, stderr)."""
+    cmd = [sys.executable] + args
     proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, timeout=timeout,
                           universal_newlines=True)
@@ -318,3 +325,33 @@ def exchange(sock, payload):
     """Send *payload* and read back as many bytes."""
     sock.sendall(payload)
     return recv_exactly(sock, len(payload))
+
+
+class _FixedHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the server's ``body``."""
+
+    protocol_version = 'HTTP/1.1'
+
+    def do_GET(self):
+        body = self.server.body
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def http_backend(test, body=b'hello', version='HTTP/1.1'):
+    """An http.server answering *body* to every GET, stopped at the end of
+    *test*; returns its address."""
+    handler = type('Handler', (_FixedHandler,), {'protocol_version': version})
+    httpd = http.server.HTTPServer(('127.0.0.1', 0), handler)
+    httpd.body = body
+    thread = threading.Thread(target=httpd.serve_forever,
+                              kwargs={'poll_interval': 0.05}, daemon=True)
+    thread.start()
+    test.addCleanup(httpd.server_close)
+    test.addCleanup(httpd.shutdown)
+    return httpd.server_address[:2]

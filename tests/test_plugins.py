@@ -1,7 +1,6 @@
 """The plugin API: the seed's example, README.txt's examples, discovery
 and its errors."""
 
-import http.server
 import os
 import re
 import shutil
@@ -52,26 +51,20 @@ class ExamplesTest(unittest.TestCase):
         return folder
 
     def test_readme_has_the_examples(self):
-        self.assertEqual(set(self.files), {'onetcp.py', 'mybehaviors.py'})
+        self.assertTrue({'onetcp.py', 'mybehaviors.py', 'test_myapp.py',
+                         'test_with_pytest.py'} <= set(self.files))
+
+    def test_readme_unittest_example(self):
+        code, out, err = support.run_command(
+            ['-m', 'unittest', 'test_myapp'], cwd=self.folder, env=self.env)
+        self.assertEqual(code, 0, err)
+        self.assertIn('Ran 2 tests', err)
 
     def test_seed_protocol_one_request_per_connection(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = b'hello world\n' * 1000
-                self.send_response(200)
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        self.addCleanup(httpd.server_close)
-        self.addCleanup(httpd.shutdown)
+        backend = support.http_backend(self, b'hello world\n' * 1000,
+                                       'HTTP/1.0')
         args = ['--plugins', 'onetcp', '--protocol', 'onetcp',
-                '--backend', '127.0.0.1:%d' % httpd.server_address[1]]
+                '--backend', '127.0.0.1:%d' % backend[1]]
         with support.vaurien_process(args, env=self.env,
                                      cwd=self.folder) as (proc, address):
             with support.connect(address) as sock:

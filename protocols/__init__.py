@@ -1,0 +1,1 @@
+"""Protocol-aware plugins for vaurien: http, redis, memcache, mysql, smtp."""
