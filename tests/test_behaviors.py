@@ -1,7 +1,6 @@
 """Vaurien's behaviors over real loopback sockets, the mix and --seed."""
 
 import socket
-import threading
 import time
 import unittest
 

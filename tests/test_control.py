@@ -2,9 +2,7 @@
 
 import http.client
 import json
-import os
 import socket
-import threading
 import time
 import unittest
 

@@ -4,10 +4,7 @@ and its errors."""
 import os
 import re
 import shutil
-import socket
-import sys
 import textwrap
-import threading
 import time
 import unittest
 
