@@ -51,9 +51,11 @@ import http.client
 import http.server
 import importlib
 import importlib.util
+import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import pkgutil
 import random
@@ -70,6 +72,7 @@ import threading
 import time
 import traceback
 import types
+import urllib.parse
 
 # Run as a script, this module is ``__main__``.  Plugins ``import vaurien``:
 # make that name (and the original package's module paths) point here, so
@@ -149,6 +152,59 @@ def _option_spec(option):
     return description, type_, default, choices
 
 
+#: Options every behavior takes, beside its own: where and when it applies.
+COMMON_OPTIONS = {
+    'direction': ("Data the behavior acts on: both ways, upstream (client "
+                  "to backend) or downstream", str, 'both',
+                  ('both', 'upstream', 'downstream')),
+    'scope': ("Draw the behavior for each exchange, or once per connection "
+              "for the connection's whole life", str, 'exchange',
+              ('exchange', 'connection')),
+    'after': ("Pass the first N exchanges of each connection untouched",
+              int, 0),
+    'every': ("Apply only to every Nth exchange of a connection (1: each)",
+              int, 1),
+    'times': ("Apply at most N times per connection (0: no limit)", int, 0),
+    'clients': ("Apply only to clients from these addresses or networks, "
+                "comma-separated, e.g. 10.0.0.0/8,::1 (empty: every client)",
+                str, ''),
+}
+
+
+def option_table(cls):
+    """Every option of plugin *cls*: its own and, for behaviors, the
+    common ones."""
+    if issubclass(cls, Dummy):
+        table = dict(COMMON_OPTIONS)
+        table.update(cls.options)
+        return table
+    return cls.options
+
+
+def _check_common(cls, values):
+    if values['direction'] not in cls.directions:
+        raise ValueError("option 'direction' must be %s: this behavior acts "
+                         "on requests" % ' or '.join(cls.directions))
+    for name, least in (('after', 0), ('every', 1), ('times', 0)):
+        if values[name] < least:
+            raise ValueError("option '%s' must be %d or more" % (name, least))
+    _parse_networks(values['clients'])
+
+
+def _parse_networks(text):
+    networks = []
+    for part in text.split(','):
+        part = part.strip()
+        if part:
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError("option 'clients': %r is not an address or "
+                                 "network (e.g. 10.0.0.0/8, 127.0.0.1, ::1)"
+                                 % part)
+    return networks
+
+
 def validate_options(kind, cls, values):
     """Check and convert a mapping of option values for plugin *cls*.
 
@@ -157,13 +213,14 @@ def validate_options(kind, cls, values):
     """
     result = {}
     label = "%s '%s'" % (kind, cls.name)
+    table = option_table(cls)
     for key, raw in values.items():
         name = key.replace('-', '_')
-        if name not in cls.options:
-            known = ', '.join(sorted(cls.options)) or 'none'
+        if name not in table:
+            known = ', '.join(sorted(table)) or 'none'
             raise VaurienError("%s has no option '%s' (its options: %s)"
                                % (label, key, known), key)
-        _, type_, _, choices = _option_spec(cls.options[name])
+        _, type_, _, choices = _option_spec(table[name])
         try:
             value = convert_value(raw, type_)
         except (TypeError, ValueError):
@@ -175,12 +232,15 @@ def validate_options(kind, cls, values):
                                % (label, name, ', '.join(map(str, choices)),
                                   raw), name)
         result[name] = value
-    checker = getattr(cls, 'check_options', None)
-    if checker is not None:
-        merged = dict((k, _option_spec(v)[2]) for k, v in cls.options.items())
-        merged.update(result)
+    checkers = [getattr(cls, 'check_options', None)]
+    if table is not cls.options:
+        checkers.append(lambda values: _check_common(cls, values))
+    merged = dict((k, _option_spec(v)[2]) for k, v in table.items())
+    merged.update(result)
+    for checker in checkers:
         try:
-            checker(merged)
+            if checker is not None:
+                checker(merged)
         except ValueError as exc:
             raise VaurienError('%s: %s' % (label, exc))
     return result
@@ -326,8 +386,8 @@ class _Configurable(object):
         try:
             value = self.settings[name]
         except KeyError:
-            return self.options[name][2]
-        type_ = self.options[name][1]
+            return option_table(type(self))[name][2]
+        type_ = option_table(type(self))[name][1]
         if isinstance(value, type_) or value is None:
             return value
         return convert_value(value, type_)
@@ -369,14 +429,24 @@ class BaseProtocol(_Configurable):
         conn = self.connection
         if to_backend:
             if conn.client_ended:
-                # nothing left but the end of the client's stream: no
-                # exchange, no behavior, just pass it on
-                return self._handle(source, dest, to_backend)
+                # nothing left but the end of the client's stream: no new
+                # exchange; only the stream behaviors of the current one
+                behavior = conn.exchange.behavior
+                if not behavior.acts(to_backend):
+                    behavior = None
+                return self._handle(
+                    source, conn.outlet(dest, to_backend, behavior),
+                    to_backend)
             exchange = conn.start_exchange()
         else:
             exchange = conn.exchange
         behavior = exchange.behavior
-        if behavior.passive:
+        if behavior.passive or not behavior.acts(to_backend):
+            if conn.queues:
+                dest = conn.outlet(dest, to_backend)
+            return self._handle(source, dest, to_backend)
+        dest = conn.outlet(dest, to_backend, behavior)
+        if not behavior.hooks:
             return self._handle(source, dest, to_backend)
         verdict = behavior.on_before_handle(self, source, dest, to_backend)
         if verdict is False:
@@ -411,6 +481,8 @@ class BaseProtocol(_Configurable):
         Waits while the socket has nothing yet (EWOULDBLOCK/EAGAIN on a
         non-blocking socket).
         """
+        if type(sock) is Outlet:
+            sock = sock.sock
         while True:
             try:
                 data = sock.recv(buffer or self._bufsize)
@@ -501,29 +573,84 @@ class Dummy(_Configurable):
     state in ``protocol.connection.state`` and per-exchange state in
     ``protocol.connection.exchange.state``.
 
-    Hooks run in the connection's thread, once per readable event, with
-    the protocol instance and the two sockets (``source`` is the readable
-    one; ``to_backend`` is True when it is the client).  A hook may read
-    from ``source`` (with ``protocol._get_data``), write to either socket,
-    sleep, or close the sockets.  What its return value means:
+    Socket hooks run in the connection's thread, once per readable event,
+    with the protocol instance and the two sockets (``source`` is the
+    readable one; ``to_backend`` is True when it is the client).  A hook
+    may read from ``source`` (with ``protocol._get_data``), write to either
+    socket, sleep, or close the sockets.  What its return value means:
 
     - ``False``: close the connection (both sockets) now;
     - ``HANDLED`` (from ``on_before_handle``): the hook consumed the data
       itself; skip the protocol's ``_handle`` and keep the connection;
     - anything else (``True``, ``None``): carry on.
+
+    Stream hooks (``on_chunk``, ``on_end``) see the bytes the protocol
+    sends, one chunk at a time, and say when each piece goes out: see
+    ``Flow``.  ``on_open`` runs before the backend is connected;
+    ``activate``/``deactivate`` when the behavior is put in force and
+    replaced.
     """
 
     name = 'dummy'
     options = {}
-    #: True when no hook is overridden: the engine then skips the hooks.
-    passive = False
+    #: The directions this behavior can be limited to (option direction).
+    directions = ('both', 'upstream', 'downstream')
+    # what __init__ works out (for subclasses whose __init__ skips ours)
+    passive, hooks, streams, opens, whole_proxy = False, True, False, False, \
+        False
+    upstream = downstream = True
+    scope, gated = 'exchange', False
 
     def __init__(self):
         self.settings = {}
         self.proxy = None
         cls = type(self)
-        self.passive = all(getattr(cls, hook) is getattr(Dummy, hook)
-                           for hook in _HOOKS)
+        overrides = set(hook for hook in _HOOKS + _STREAM_HOOKS + _OTHER_HOOKS
+                        if getattr(cls, hook) is not getattr(Dummy, hook))
+        #: True when no hook is overridden: the engine skips the hooks
+        self.passive = not overrides
+        self.hooks = bool(overrides.intersection(_HOOKS))
+        self.streams = bool(overrides.intersection(_STREAM_HOOKS))
+        self.opens = 'on_open' in overrides
+        self.whole_proxy = bool(overrides.intersection(
+            ('activate', 'deactivate')))
+        self.ready()
+
+    def update_settings(self, settings):
+        self.settings.update(settings)
+        self.ready()
+
+    def ready(self):
+        """Read the common options once, for the engine's hot path."""
+        get = self.settings.get
+        direction = get('direction', 'both')
+        self.upstream = direction != 'downstream'
+        self.downstream = direction != 'upstream'
+        self.scope = get('scope', 'exchange')
+        self.gated = bool(get('after') or get('every', 1) != 1 or
+                          get('times') or get('clients'))
+        self._networks = _parse_networks(get('clients', ''))
+
+    def acts(self, to_backend):
+        """Whether this behavior acts on data going this way."""
+        return self.upstream if to_backend else self.downstream
+
+    def admits(self, connection, number):
+        """The gates: whether exchange *number* of *connection* may meet
+        this behavior (options after, every, times, clients)."""
+        get = self.settings.get
+        if number <= get('after', 0) or number % get('every', 1):
+            return False
+        if self._networks and not _client_in(connection, self._networks):
+            return False
+        limit = get('times', 0)
+        if limit:
+            key = ('times', id(self))
+            used = connection.state.get(key, 0)
+            if used >= limit:
+                return False
+            connection.state[key] = used + 1
+        return True
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         """Before the protocol reads *source*."""
@@ -539,17 +666,109 @@ class Dummy(_Configurable):
         """After the protocol passed the data on."""
         return True
 
+    def on_chunk(self, flow, data, at):
+        """One chunk of *data* on its way, available since *at* (on the
+        ``time.monotonic()`` clock).  Returns the pieces to send, in order,
+        as ``[(when, bytes)]``; ``[]`` swallows the chunk."""
+        return [(at, data)]
+
+    def on_end(self, flow, at):
+        """The source ended its stream at *at*: returns when to pass the
+        end on, or None never to."""
+        return at
+
+    def on_open(self, connection):
+        """Before the backend connection is made (may sleep)."""
+
+    def activate(self, server):
+        """The behavior was put in force on *server*."""
+
+    def deactivate(self, server):
+        """The behavior was replaced on *server*."""
+
     def __repr__(self):
         return '<behavior %s %r>' % (self.name, self.settings)
 
 
 _HOOKS = ('on_before_handle', 'on_between_handle', 'on_after_handle')
+_STREAM_HOOKS = ('on_chunk', 'on_end')
+_OTHER_HOOKS = ('on_open', 'activate', 'deactivate')
+
+
+def _client_in(connection, networks):
+    try:
+        address = ipaddress.ip_address(connection.client_address[0])
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+class Composite(Dummy):
+    """Several behaviors at once (``latency+bandwidth``): their socket hooks
+    run in order, and their stream hooks as a pipeline, the first one's
+    pieces feeding the second."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.name = '+'.join(part.name for part in self.parts)
+        self.settings = {}
+        self.proxy = None
+        self.passive = all(part.passive for part in self.parts)
+        self.hooks = any(part.hooks for part in self.parts)
+        self.streams = any(part.streams for part in self.parts)
+        self.opens = any(part.opens for part in self.parts)
+        self.whole_proxy = any(part.whole_proxy for part in self.parts)
+        self.upstream = any(part.upstream for part in self.parts)
+        self.downstream = any(part.downstream for part in self.parts)
+        first = self.parts[0]
+        self.scope = first.scope
+        self.gated = any(part.gated for part in self.parts)
+
+    def ready(self):
+        pass
+
+    def admits(self, connection, number):
+        return True
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        for part in self.parts:
+            if part.hooks and part.acts(to_backend):
+                verdict = part.on_before_handle(protocol, source, dest,
+                                                to_backend)
+                if verdict is False or verdict is HANDLED:
+                    return verdict
+        return True
+
+    def on_between_handle(self, protocol, source, dest, to_backend):
+        for part in self.parts:
+            if part.hooks and part.acts(to_backend):
+                if part.on_between_handle(protocol, source, dest,
+                                          to_backend) is False:
+                    return False
+        return True
+
+    def on_after_handle(self, protocol, source, dest, to_backend):
+        for part in self.parts:
+            if part.hooks and part.acts(to_backend):
+                if part.on_after_handle(protocol, source, dest,
+                                        to_backend) is False:
+                    return False
+        return True
+
+    def on_open(self, connection):
+        for part in self.parts:
+            if part.opens:
+                part.on_open(connection)
+
+    def __repr__(self):
+        return '<behaviors %s>' % self.name
 
 
 class Delay(Dummy):
     """Delays the answer of each exchange it is drawn for."""
 
     name = 'delay'
+    directions = ('both', 'upstream')
     options = {
         'sleep': ("Delay in seconds (decimals allowed)", float, 1.0),
         'before': ("Wait before the request goes to the backend (true) or "
@@ -576,6 +795,8 @@ class Delay(Dummy):
 class _Counted(Dummy):
     """Counts the exchanges it is drawn for: across the whole proxy (the
     count survives a client reconnecting), or per connection."""
+
+    directions = ('both', 'upstream')
 
     def __init__(self):
         super(_Counted, self).__init__()
@@ -686,6 +907,7 @@ class Hang(Dummy):
     waits (``--timeout`` does not cut it short)."""
 
     name = 'hang'
+    directions = ('both', 'upstream')
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         if not to_backend:
@@ -709,6 +931,7 @@ class Abort(Dummy):
     the answer comes back."""
 
     name = 'abort'
+    directions = ('both', 'upstream')
 
     def on_between_handle(self, protocol, source, dest, to_backend):
         return False
@@ -750,7 +973,8 @@ class Mix(object):
     """The behaviors in force and their shares, e.g. ``20:delay,5:error``.
 
     Each name has one behavior instance, built from its class and the
-    option values in force; the remainder of 100 goes to ``dummy``.
+    option values in force; ``latency+corrupt`` is a Composite of two.  The
+    remainder of 100 goes to ``dummy``.
     """
 
     def __init__(self, shares, instances):
@@ -764,7 +988,20 @@ class Mix(object):
         active = [(n, p) for n, p in shares if p > 0]
         self.single = None
         if len(active) == 1 and active[0][1] >= 100:
-            self.single = (active[0][0], instances[active[0][0]])
+            name = active[0][0]
+            behavior = instances[name]
+            if behavior.scope == 'exchange' and not behavior.gated:
+                self.single = (name, behavior)
+        self.per_connection = any(b.scope == 'connection' for _, _, b in
+                                  self._table)
+        # behaviors that act before the backend connection is made
+        self.openers = [(p, n, instances[n]) for n, p in active
+                        if instances[n].opens]
+        for name, percent in active:
+            if instances[name].whole_proxy and (percent < 100 or
+                                                '+' in name):
+                raise VaurienError("behavior '%s' acts on the whole proxy: "
+                                   "set it alone, at 100%%" % name, 'name')
 
     def draw(self, rng):
         if self.single is not None:
@@ -774,6 +1011,12 @@ class Mix(object):
             if point < bound:
                 return name, behavior
         return self._table[-1][1:]
+
+    def behaviors(self):
+        """Every behavior instance in the mix, composites' parts included."""
+        for behavior in self.instances.values():
+            for part in getattr(behavior, 'parts', [behavior]):
+                yield part
 
     def __str__(self):
         if self.single is not None:
@@ -809,7 +1052,9 @@ def parse_mix(text):
                 'malformed behavior mix %r at %r (expected PERCENT:NAME'
                 '[,...] with percents from 0 to 100, e.g. 20:delay,5:blackout)'
                 % (text, part))
-        Behavior.get(name)
+        for part in name.split('+'):
+            Behavior.get(part.strip())
+        name = '+'.join(part.strip() for part in name.split('+'))
         if name in shares:
             raise VaurienError("behavior '%s' appears twice in the mix %r"
                                % (name, text))
@@ -825,6 +1070,83 @@ def parse_mix(text):
 
 
 # The engine ##############################################################
+
+def _now():
+    return time.monotonic()
+
+
+class Flow(object):
+    """What a stream hook (``on_chunk``, ``on_end``) sees: one behavior's
+    view of one direction of one connection."""
+
+    __slots__ = ('connection', 'to_backend', 'behavior', 'state')
+
+    def __init__(self, connection, to_backend, behavior):
+        self.connection = connection
+        #: True for data going from the client to the backend (upstream)
+        self.to_backend = to_backend
+        self.behavior = behavior
+        #: a dict private to this flow
+        self.state = {}
+
+    @property
+    def rng(self):
+        """The connection's random generator (``--seed`` replays it)."""
+        return self.connection.rng
+
+    @staticmethod
+    def now():
+        """The clock of ``at`` and ``when``: ``time.monotonic()``."""
+        return _now()
+
+    def close(self, when, reset=False):
+        """Close the whole connection at *when*; *reset*: with a TCP RST
+        to the client."""
+        self.connection.close_at(when, reset)
+
+
+class Outlet(object):
+    """Stands in for the destination socket while stream behaviors act (or
+    while pieces they delayed still wait): what the protocol sends goes
+    through their ``on_chunk`` into the connection's outbox, and out when
+    due.  Anything else is the real socket's."""
+
+    __slots__ = ('sock', 'connection', 'to_backend', 'behavior')
+
+    def __init__(self, sock, connection, to_backend, behavior):
+        self.sock = sock
+        self.connection = connection
+        self.to_backend = to_backend
+        self.behavior = behavior
+
+    def sendall(self, data):
+        self.connection.push(self.to_backend, self.behavior, bytes(data))
+
+    def send(self, data):
+        self.sendall(data)
+        return len(data)
+
+    def shutdown(self, how):
+        if how != socket.SHUT_WR:
+            self.sock.shutdown(socket.SHUT_RD)
+        if how != socket.SHUT_RD:
+            self.connection.push_end(self.to_backend, self.behavior)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+class _Queue(object):
+    """Pieces waiting for their time, one direction of one connection."""
+
+    __slots__ = ('items', 'size', 'last', 'paused')
+
+    def __init__(self):
+        self.items = collections.deque()    # (when, piece or None for end)
+        self.size = 0
+        self.last = 0.0
+        self.paused = False
+
 
 class Exchange(object):
     """One request from the client and what answers it."""
@@ -861,6 +1183,11 @@ class Connection(object):
         self.protocol = None
         #: True once all that is left from the client is its end of stream
         self.client_ended = False
+        #: {to_backend: _Queue} once a stream behavior delayed something
+        self.queues = None
+        self._flows = {}
+        self._closing = None            # (when, reset)
+        self._sticky = None             # (generation, (name, behavior))
 
     @property
     def rng(self):
@@ -877,25 +1204,200 @@ class Connection(object):
     def start_exchange(self):
         """Draw the behavior for a new exchange and make it current."""
         self.exchanges += 1
-        mix = self.server.mix
+        number = self.exchanges
+        server = self.server
+        mix = server.mix
         if mix.single is not None:
             name, behavior = mix.single
         else:
-            name, behavior = mix.draw(self.rng)
-        self.exchange = exchange = Exchange(self.exchanges, name, behavior)
+            name, behavior = self._draw(mix)
+            if behavior.gated:
+                name, behavior = self._gate(name, behavior, number)
+        self.exchange = exchange = Exchange(number, name, behavior)
         self.behaviors_met[name] += 1
-        self.server.count_exchange(name)
+        server.count_exchange(name)
+        if not behavior.passive:
+            server.decide(self, number, behavior)
         return exchange
 
+    def _draw(self, mix):
+        if not mix.per_connection:
+            return mix.draw(self.rng)
+        # behaviors of connection scope are drawn once per connection (and
+        # again when the mix changes); the others for each exchange
+        generation = self.server.mix_generation
+        if self._sticky is None or self._sticky[0] != generation:
+            name, behavior = mix.draw(self.rng)
+            if behavior.scope != 'connection':
+                name, behavior = None, None
+            self._sticky = (generation, (name, behavior))
+        if self._sticky[1][0] is not None:
+            return self._sticky[1]
+        name, behavior = mix.draw(self.rng)
+        if behavior.scope == 'connection':
+            return 'dummy', self.server.dummy
+        return name, behavior
+
+    def _gate(self, name, behavior, number):
+        parts = getattr(behavior, 'parts', None)
+        if parts is None:
+            if behavior.admits(self, number):
+                return name, behavior
+            return 'dummy', self.server.dummy
+        admitted = [part for part in parts if part.admits(self, number)]
+        if not admitted:
+            return 'dummy', self.server.dummy
+        if len(admitted) == 1:
+            return admitted[0].name, admitted[0]
+        if len(admitted) < len(parts):
+            behavior = Composite(admitted)
+        return behavior.name, behavior
+
+    def _open(self):
+        """Behaviors that act before the backend connection is made."""
+        for percent, name, behavior in self.server.mix.openers:
+            if percent < 100 and self.rng.random() * 100 >= percent:
+                continue
+            for part in getattr(behavior, 'parts', [behavior]):
+                if part.opens and (not part._networks or
+                                   _client_in(self, part._networks)):
+                    self.server.decide(self, 0, part)
+                    part.on_open(self)
+
+    # stream behaviors: the outboxes
+
+    def outlet(self, dest, to_backend, behavior=None):
+        """*dest*, or its Outlet when stream behaviors act or pieces wait:
+        see BaseProtocol.__call__."""
+        if (behavior is None or not behavior.streams) and (
+                self.queues is None or not self.queues[to_backend].items):
+            return dest
+        return Outlet(dest, self, to_backend, behavior)
+
+    def _flow(self, behavior, to_backend):
+        key = (id(behavior), to_backend)
+        flow = self._flows.get(key)
+        if flow is None or flow.behavior is not behavior:
+            flow = self._flows[key] = Flow(self, to_backend, behavior)
+        return flow
+
+    def _stages(self, behavior, to_backend):
+        if behavior is None or not behavior.streams:
+            return ()
+        return [(part, self._flow(part, to_backend))
+                for part in getattr(behavior, 'parts', [behavior])
+                if part.streams and part.acts(to_backend)]
+
+    def push(self, to_backend, behavior, data):
+        """Send *data* through the stream behaviors, now or when due."""
+        pieces = [(_now(), data)]
+        for part, flow in self._stages(behavior, to_backend):
+            passed = []
+            for when, piece in pieces:
+                passed.extend(part.on_chunk(flow, piece, when))
+            pieces = passed
+        for when, piece in pieces:
+            if piece:
+                self._enqueue(to_backend, when, piece)
+
+    def push_end(self, to_backend, behavior):
+        """Pass the end of the stream on, now or when due."""
+        when = _now()
+        for part, flow in self._stages(behavior, to_backend):
+            when = part.on_end(flow, when)
+            if when is None:
+                return
+        self._enqueue(to_backend, when, None)
+
+    def _enqueue(self, to_backend, when, piece):
+        queues = self.queues
+        if queues is None:
+            queues = self.queues = {True: _Queue(), False: _Queue()}
+        queue = queues[to_backend]
+        when = max(when, queue.last)
+        queue.last = when
+        if not queue.items and when <= _now():
+            self._send(to_backend, piece)
+            return
+        queue.items.append((when, piece))
+        if piece is not None:
+            queue.size += len(piece)
+            if queue.size > self.high_water and not queue.paused:
+                queue.paused = True
+                self._pause(to_backend, True)
+
+    # pieces waiting this long in bytes stop the reading of their source
+    high_water = 4 << 20
+    low_water = 1 << 20
+
+    def _send(self, to_backend, piece):
+        dest = self.backend if to_backend else self.client
+        if piece is None:
+            try:
+                dest.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        else:
+            dest.sendall(piece)
+
+    def _pause(self, to_backend, pause):
+        sock = self.client if to_backend else self.backend
+        fd = sock.fileno()
+        if fd not in self._reading:
+            return
+        try:
+            if pause:
+                self._poller.unregister(fd)
+            else:
+                self._poller.register(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def close_at(self, when, reset=False):
+        """Close the connection at *when* (with a RST to the client)."""
+        if self._closing is None or when < self._closing[0]:
+            self._closing = (when, reset)
+
+    def _due(self):
+        """The next time something is due, or None."""
+        times = []
+        if self.queues is not None:
+            times = [q.items[0][0] for q in self.queues.values() if q.items]
+        if self._closing is not None:
+            times.append(self._closing[0])
+        return min(times) if times else None
+
+    def _run_due(self):
+        """Send what is due; False when the connection must close now."""
+        now = _now()
+        if self._closing is not None and self._closing[0] <= now:
+            if self._closing[1]:
+                _reset(self.client)
+            return False
+        if self.queues is None:
+            return True
+        for to_backend, queue in self.queues.items():
+            items = queue.items
+            while items and items[0][0] <= now:
+                _, piece = items.popleft()
+                if piece is not None:
+                    queue.size -= len(piece)
+                self._send(to_backend, piece)
+            if queue.paused and queue.size < self.low_water:
+                queue.paused = False
+                self._pause(to_backend, False)
+        return True
+
     def stop_reading(self, sock):
-        """Stop watching *sock*; False when nothing is left to watch."""
+        """Stop watching *sock*; False when nothing is left to watch (nor
+        to send later)."""
         fd = sock.fileno()
         if self._reading.pop(fd, None) is not None:
             try:
                 self._poller.unregister(fd)
             except (KeyError, ValueError, OSError):
                 pass
-        return bool(self._reading)
+        return bool(self._reading) or self._due() is not None
 
     def describe(self):
         return '%d %s -> %s' % (self.id, format_address(self.client_address),
@@ -903,6 +1405,8 @@ class Connection(object):
 
     def run(self):
         server = self.server
+        if server.mix.openers:
+            self._open()
         try:
             self.backend = server.connect_backend(self.backend_address)
         except OSError as exc:
@@ -930,12 +1434,32 @@ class Connection(object):
         poller.register(client.fileno())
         poller.register(backend.fileno())
         idle = self.server.idle_timeout
-        while reading:
-            events = poller.poll(idle)
-            if not events:
-                logger.info('connection %s: quiet for %gs, closing it',
-                            self.describe(), idle)
+        while reading or self._due() is not None:
+            timeout, timer, due = idle, False, None
+            if self.queues is not None or self._closing is not None:
+                due = self._due()
+                if due is not None:
+                    wait = max(0.0, due - _now())
+                    if timeout is None or wait < timeout:
+                        timeout, timer = wait, True
+            if reading:
+                if timer and timeout < 0.002:
+                    # poll counts in milliseconds: sleep for finer waits
+                    time.sleep(timeout)
+                    events = poller.poll(0)
+                else:
+                    events = poller.poll(timeout)
+            else:       # only pieces waiting for their time
+                time.sleep(timeout)
+                events = ()
+            if due is not None and not self._run_due():
                 return
+            if not events:
+                if not timer:
+                    logger.info('connection %s: quiet for %gs, closing it',
+                                self.describe(), idle)
+                    return
+                continue
             for fd, flags in events:
                 to_backend = reading.get(fd)
                 if to_backend is None:
@@ -1016,7 +1540,7 @@ class _Poller(object):
             self._poll.unregister(fd)
 
         def poll(self, timeout=None):
-            ms = None if not timeout else timeout * 1000
+            ms = None if timeout is None else int(math.ceil(timeout * 1000))
             while True:
                 try:
                     return self._poll.poll(ms)
@@ -1035,8 +1559,7 @@ class _Poller(object):
             self._sel.unregister(fd)
 
         def poll(self, timeout=None):
-            return [(key.fd, 0) for key, _ in
-                    self._sel.select(timeout or None)]
+            return [(key.fd, 0) for key, _ in self._sel.select(timeout)]
 
 
 def _only_end_of_stream(sock):
@@ -1142,6 +1665,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     # socketserver's default of 5 drops part of a burst of connections
     request_queue_size = 2048
+    # decisions kept in memory for GET /decisions
+    decision_log_size = 10000
 
     def __init__(self, proxy=('127.0.0.1', 8000), backend=('127.0.0.1', 80),
                  protocol='tcp', behavior='dummy', timeout=30.0,
@@ -1176,13 +1701,22 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         # totals of the connections that ended (open ones are added live)
         self.totals = collections.Counter()
         self.mix = None
+        self.mix_generation = 0
+        self._live = False      # whole-proxy behaviors wait for the socket
+        self.decisions = collections.deque(maxlen=self.decision_log_size)
+        self._decision_ids = itertools.count(1)
         self.set_mix(behavior)
         if backlog:
             self.request_queue_size = backlog
         if ':' in proxy[0]:
             self.address_family = socket.AF_INET6
+        self._stop_request = threading.Event()
+        self._stopped = threading.Event()
+        self._listen_lock = threading.Lock()
         socketserver.ThreadingTCPServer.__init__(self, tuple(proxy)[:2],
                                                  ProxyHandler)
+        self._live = True
+        self._activate()
 
     # what connections need
 
@@ -1203,6 +1737,29 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             if conn.backend is None:
                 self.totals['backend_errors'] += 1
 
+    def decide(self, conn, number, behavior):
+        """Log a non-dummy decision, and keep it for GET /decisions."""
+        parts = getattr(behavior, 'parts', [behavior])
+        directions = set(part.settings.get('direction', 'both')
+                         for part in parts)
+        record = collections.OrderedDict([
+            ('id', next(self._decision_ids)),
+            ('time', round(time.time(), 6)),
+            ('connection', conn.id),
+            ('client', format_address(conn.client_address)),
+            ('exchange', number),
+            ('direction', directions.pop() if len(directions) == 1
+             else 'mixed'),
+            ('behavior', behavior.name),
+            ('options', dict((part.name, _options_in_force(part))
+                             for part in parts))])
+        self.decisions.append(record)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info('decision %d: connection %d (%s) exchange %d: %s, '
+                        '%s %s', record['id'], conn.id, record['client'],
+                        number, behavior.name, record['direction'],
+                        json.dumps(record['options'], sort_keys=True))
+
     def count_exchange(self, name):
         with self._stats_lock:
             self.exchange_counts[name] += 1
@@ -1212,7 +1769,17 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def make_behavior(self, name, options=None):
         """A fresh instance of behavior *name* with the options in force
-        (plus *options*); fresh, so its counters start again."""
+        (plus *options*); fresh, so its counters start again.  Several
+        names joined by '+' make a Composite; *options* then maps each
+        part's name to its options."""
+        if '+' in name:
+            options = options or {}
+            parts, values = [], {}
+            for part in name.split('+'):
+                instance, values[part] = self.make_behavior(
+                    part, options.get(part))
+                parts.append(instance)
+            return Composite(parts), values
         cls = Behavior.get(name)
         values = dict(self.behavior_settings.get(name, {}))
         if options:
@@ -1229,16 +1796,97 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         shares = parse_mix(text)
         options = options or {}
         instances = {}
-        settings = {}
+        parts = set()
         for name, _ in shares:
-            instances[name], settings[name] = self.make_behavior(
-                name, options.get(name))
+            if '+' in name:
+                instances[name], _ = self.make_behavior(name, options)
+            else:
+                instances[name], _ = self.make_behavior(
+                    name, options.get(name))
+            parts.update(name.split('+'))
         for name in options:
-            if name not in instances:
+            if name not in parts:
                 raise VaurienError("options given for behavior '%s', which "
-                                   "is not in the mix" % name)
-        self.mix = Mix(shares, instances)
-        return self.mix
+                                   "is not in the mix" % name, 'options')
+        mix = Mix(shares, instances)
+        old, self.mix = self.mix, mix
+        self.mix_generation += 1
+        if self._live:
+            if old is not None:
+                for behavior in old.behaviors():
+                    if behavior.whole_proxy:
+                        behavior.deactivate(self)
+            self._activate()
+        return mix
+
+    def _activate(self):
+        for behavior in self.mix.behaviors():
+            if behavior.whole_proxy:
+                behavior.activate(self)
+
+    # accepting, and the `down` behavior
+
+    def serve_forever(self, poll_interval=0.5):
+        """Accept connections until ``shutdown()``; like socketserver's,
+        but the listening socket may close and open again (``go_down``,
+        ``go_up``)."""
+        self._stop_request.clear()
+        self._stopped.clear()
+        try:
+            while not self._stop_request.is_set():
+                listener = self.socket
+                if listener is None:
+                    self._stop_request.wait(poll_interval)
+                    continue
+                try:
+                    ready = _readable(listener, poll_interval)
+                except (OSError, ValueError):
+                    ready = False       # closed under us by go_down
+                if ready and listener is self.socket:
+                    self._handle_request_noblock()
+                self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever and wait until it has."""
+        self._stop_request.set()
+        self._stopped.wait()
+
+    def go_down(self):
+        """Refuse new connections (the listener closes) and close the open
+        ones, until ``go_up``."""
+        with self._listen_lock:
+            listener, self.socket = self.socket, None
+            if listener is not None:
+                _stop_listening(listener)
+        for conn in list(self.connections.values()):
+            conn.abort()
+        logger.info('down: refusing connections on %s',
+                    format_address(self.address))
+
+    def go_up(self):
+        """Listen again, on the same address, after ``go_down``."""
+        with self._listen_lock:
+            if self.socket is not None or self.closing:
+                return
+            listener = socket.socket(self.address_family, self.socket_type)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(self.server_address)
+            listener.listen(self.request_queue_size)
+            self.socket = listener
+        logger.info('up: accepting connections on %s',
+                    format_address(self.address))
+
+    def fileno(self):
+        listener = self.socket
+        return listener.fileno() if listener is not None else -1
+
+    def server_close(self):
+        with self._listen_lock:
+            listener, self.socket = self.socket, None
+            if listener is not None:
+                _stop_listening(listener)
 
     # stopping
 
@@ -1259,11 +1907,29 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return self.server_address[:2]
 
 
+def _stop_listening(listener):
+    # shut down first: a close alone leaves the socket listening until the
+    # accepting thread's poll lets go of it
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    _close(listener)
+
+
+def _readable(sock, timeout):
+    if _HAS_POLL:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(int(math.ceil(timeout * 1000))))
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
 # The control API ########################################################
 
 def _options_in_force(behavior):
     values = dict((name, _option_spec(spec)[2])
-                  for name, spec in behavior.options.items())
+                  for name, spec in option_table(type(behavior)).items())
     values.update(behavior.settings)
     return values
 
@@ -1286,10 +1952,14 @@ class Controller(object):
             '/stats': {'GET': self.stats},
             '/version': {'GET': self.version},
             '/health': {'GET': self.health},
+            '/decisions': {'GET': self.decisions},
         }
 
     def call(self, method, path, body=b''):
-        path = path.split('?', 1)[0].rstrip('/') or '/'
+        path, _, query = path.partition('?')
+        path = path.rstrip('/') or '/'
+        self.query = dict((k, v[-1]) for k, v in
+                          urllib.parse.parse_qs(query).items())
         route = self.routes.get(path)
         if route is None:
             return 404, _error('url', 'path', 'no such endpoint %r (try: %s)'
@@ -1408,6 +2078,18 @@ class Controller(object):
 
     def version(self):
         return {'version': __version__}
+
+    def decisions(self):
+        """Decisions kept in memory, oldest first; ``?since=ID`` for those
+        after decision ID only."""
+        since = self.query.get('since', '0')
+        if not since.isdigit():
+            raise VaurienError('since must be a decision id (a whole '
+                               'number)', 'since')
+        since = int(since)
+        return {'decisions': [dict(record) for record in
+                              list(self.server.decisions)
+                              if record['id'] > since]}
 
     def health(self):
         return {'status': 'ok', 'proxy': format_address(self.server.address),
@@ -1581,6 +2263,10 @@ class _ControlMethods(object):
 
     def version(self):
         return self._call('GET', '/version')['version']
+
+    def decisions(self, since=0):
+        """The proxy's decisions (non-dummy behaviors met), oldest first."""
+        return self._call('GET', '/decisions?since=%d' % since)['decisions']
 
     @contextlib.contextmanager
     def with_behavior(self, name, **options):
@@ -1909,8 +2595,11 @@ def _base_parser(add_help=True):
         prog='vaurien', add_help=add_help, allow_abbrev=False,
         description='A chaos TCP proxy: sits between an application and its '
                     'backend, and delays, errors, hangs or drops on purpose.',
-        epilog='Every option can also be set in the ini file given with '
-               '--config ([vaurien] section; [behavior:NAME] and '
+        epilog='Every behavior also takes --behavior-NAME-direction '
+               '(both, upstream, downstream), -scope (exchange, connection), '
+               '-after N, -every N, -times N and -clients NETWORKS: see '
+               'README.txt. Every option can also be set in the ini file '
+               'given with --config ([vaurien] section; [behavior:NAME] and '
                '[protocol:NAME] sections for plugin options). The command '
                'line wins over the file.')
     parser.add_argument('--config', metavar='FILE',
@@ -1982,13 +2671,15 @@ def build_parser():
     for kind, registry in (('protocol', Protocol), ('behavior', Behavior)):
         group = parser.add_argument_group('%s options' % kind)
         for name, cls in registry.items():
-            for option, spec in sorted(cls.options.items()):
+            for option, spec in sorted(option_table(cls).items()):
                 description, type_, default, choices = _option_spec(spec)
                 flag = '--%s-%s-%s' % (kind, name, option.replace('_', '-'))
                 dest = 'plugin:%s:%s:%s' % (kind, name, option)
                 text = '%s (default %s)' % (description, default)
                 if choices:
                     text += ': one of %s' % ', '.join(map(str, choices))
+                if option in COMMON_OPTIONS and option not in cls.options:
+                    text = argparse.SUPPRESS    # said once, in the epilog
                 _add_flag(group, flag, dest, text, bool_flag=type_ is bool,
                           metavar=_TYPE_WORDS.get(type_, 'VALUE')
                           .split()[-1].upper())
@@ -2160,13 +2851,19 @@ def list_plugins(out=None):
             out.write('  %-12s %s\n' % (name, plugin_origin(cls)))
             if doc:
                 out.write('      %s\n' % doc)
-            for option, spec in sorted(cls.options.items()):
-                description, type_, default, choices = _option_spec(spec)
-                extra = ' (one of %s)' % ', '.join(map(str, choices)) \
-                    if choices else ''
-                out.write('      %s = %r  [%s] %s%s\n' % (
-                    option, default, type_.__name__, description, extra))
+            _list_options(out, cls.options)
         out.write('\n')
+    out.write('Every behavior also takes:\n')
+    _list_options(out, COMMON_OPTIONS)
+
+
+def _list_options(out, table):
+    for option, spec in sorted(table.items()):
+        description, type_, default, choices = _option_spec(spec)
+        extra = ' (one of %s)' % ', '.join(map(str, choices)) \
+            if choices else ''
+        out.write('      %s = %r  [%s] %s%s\n' % (
+            option, default, type_.__name__, description, extra))
 
 
 def serve(server, control=None):
@@ -2318,7 +3015,9 @@ def ctl_main(argv):
 def _mix_options(mix, words):
     """Options of ``ctl set-behavior``: ``--sleep 2`` for the one behavior
     of the mix that is not dummy, ``--delay.sleep 2`` for any."""
-    names = [name for name, _ in parse_mix(mix) if name != 'dummy']
+    # the proxy checks the names: it may know plugins that we do not
+    names = [entry.rpartition(':')[2].strip() for entry in mix.split(',')]
+    names = [name for name in names if name and name != 'dummy']
     options = {}
     for key, value in _option_pairs(words).items():
         name, dot, option = key.rpartition('.')

@@ -250,8 +250,8 @@ class RegistryTest(unittest.TestCase):
                       vaurien.BaseProtocol)
         self.assertIs(Dummy, vaurien.Dummy)
         self.assertIs(Protocol, vaurien.Protocol)
-        self.assertEqual(sorted(vaurien.get_behaviors())[:3],
-                         ['abort', 'blackout', 'delay'])
+        self.assertTrue({'abort', 'blackout', 'delay'} <=
+                        set(vaurien.get_behaviors()))
         self.assertIn('tcp', vaurien.get_protocols())
 
     def test_registering_the_same_class_twice_is_fine(self):
