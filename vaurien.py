@@ -540,10 +540,45 @@ class TCP(BaseProtocol):
                          "connection)", bool, False),
     }
 
+    def __init__(self, settings=None, proxy=None):
+        BaseProtocol.__init__(self, settings, proxy)
+        # the fast path below is for this class's own _handle only
+        self._plain = type(self)._handle is TCP._handle
+
     def setup(self, client, backend):
         if self.option('keep_alive'):
             for sock in (client, backend):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def __call__(self, source, dest, to_backend):
+        # The fast path: while the mix is dummy alone and nothing waits in
+        # an outbox, bytes go straight through, with no exchange object
+        # and no hooks.  Any other mix takes the full path from the next
+        # read on.
+        conn = self.connection
+        if self._plain and conn.queues is None:
+            if to_backend:
+                single = conn.server.mix.single
+                plain = (single is not None and single[1].passive and
+                         not conn.client_ended)
+            else:
+                plain = conn.exchange.behavior.passive
+            if plain:
+                data = source.recv(self._bufsize)
+                if not data:
+                    return self._end_of_stream(source, dest)
+                dest.sendall(data)
+                if to_backend:
+                    conn.bytes_up += len(data)
+                    conn.exchanges += 1
+                    conn.dummies += 1
+                    conn.exchange = conn.plain_exchange
+                    if conn.server.statsd.enabled:
+                        conn.server.statsd.incr('behavior.dummy')
+                else:
+                    conn.bytes_down += len(data)
+                return True
+        return BaseProtocol.__call__(self, source, dest, to_backend)
 
     def _handle(self, source, dest, to_backend):
         data = self._get_data(source)
@@ -1175,8 +1210,10 @@ class Connection(object):
         self.bytes_down = 0     # read from the backend
         self.exchanges = 0
         self.behaviors_met = collections.Counter()
+        self.dummies = 0        # dummy exchanges of the fast path
         self.state = {}
-        self.exchange = Exchange(0, 'dummy', server.dummy)
+        self.exchange = self.plain_exchange = Exchange(0, 'dummy',
+                                                       server.dummy)
         self._rng = None
         self._poller = None
         self._reading = {}
@@ -1215,7 +1252,8 @@ class Connection(object):
                 name, behavior = self._gate(name, behavior, number)
         self.exchange = exchange = Exchange(number, name, behavior)
         self.behaviors_met[name] += 1
-        server.count_exchange(name)
+        if server.statsd.enabled:
+            server.statsd.incr('behavior.' + name)
         if not behavior.passive:
             server.decide(self, number, behavior)
         return exchange
@@ -1513,9 +1551,16 @@ class Connection(object):
                 except OSError:
                     pass
 
+    def met(self):
+        """Exchanges by the behavior they met."""
+        met = collections.Counter(self.behaviors_met)
+        if self.dummies:
+            met['dummy'] += self.dummies
+        return met
+
     def summary(self):
         met = ' '.join('%s=%d' % item for item in
-                       sorted(self.behaviors_met.items())) or 'none'
+                       sorted(self.met().items())) or 'none'
         return ('connection %s closed after %.3fs: %d bytes up, %d bytes '
                 'down, %d exchanges (%s)' % (
                     self.describe(), time.time() - self.started,
@@ -1697,7 +1742,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._ids = itertools.count(1)
         self._stats_lock = threading.Lock()
         self.started = time.time()
-        self.exchange_counts = collections.Counter()
+        self._closed_exchanges = collections.Counter()
         # totals of the connections that ended (open ones are added live)
         self.totals = collections.Counter()
         self.mix = None
@@ -1736,6 +1781,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self.totals['bytes_down'] += conn.bytes_down
             if conn.backend is None:
                 self.totals['backend_errors'] += 1
+            self._closed_exchanges.update(conn.met())
 
     def decide(self, conn, number, behavior):
         """Log a non-dummy decision, and keep it for GET /decisions."""
@@ -1760,10 +1806,14 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                         number, behavior.name, record['direction'],
                         json.dumps(record['options'], sort_keys=True))
 
-    def count_exchange(self, name):
+    @property
+    def exchange_counts(self):
+        """Exchanges since start, by the behavior they met."""
         with self._stats_lock:
-            self.exchange_counts[name] += 1
-        self.statsd.incr('behavior.' + name)
+            counts = collections.Counter(self._closed_exchanges)
+        for conn in list(self.connections.values()):
+            counts.update(conn.met())
+        return counts
 
     # changing the mix
 
@@ -2060,9 +2110,9 @@ class Controller(object):
 
     def stats(self):
         server = self.server
+        exchanges = dict(server.exchange_counts)
         with server._stats_lock:
             totals = dict(server.totals)
-            exchanges = dict(server.exchange_counts)
         open_now = list(server.connections.values())
         return {
             'uptime': round(time.time() - server.started, 3),

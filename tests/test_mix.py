@@ -252,7 +252,7 @@ class PipelineTest(MixTestCase):
         self.assertGreaterEqual(took, 0.1)
         # 40 chunks each held 100 ms: held one after the other they would
         # take 4 s; pipelined, about 0.1 s plus the 0.2 s of sending
-        self.assertLess(took, 40 * 0.1 / 2)
+        self.assertLess(took, 40 * 0.1 * 0.75)
 
     def test_end_of_stream_after_the_held_data(self):
         proxy = self.proxy('test-hold', behavior_options={

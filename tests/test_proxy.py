@@ -131,6 +131,65 @@ class PassThroughTest(unittest.TestCase):
                 self.assertEqual(support.exchange(sock, b'six'), b'six')
 
 
+class FastPathTest(unittest.TestCase):
+    """tcp with the dummy mix skips exchanges and hooks; it must stay
+    byte-exact and give way at once when a behavior is switched on."""
+
+    def test_fast_path_then_a_behavior_then_fast_again(self):
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address) as proxy:
+            with proxy.connect() as sock:
+                payloads = [os.urandom(n) for n in (1, 1000, 65536, 300000)]
+                for payload in payloads:
+                    self.assertEqual(support.exchange(sock, payload), payload)
+                conn, = proxy.server.connections.values()
+                self.assertGreaterEqual(conn.dummies, len(payloads))
+                fast = conn.dummies
+                proxy.server.set_mix('delay', {'delay': {'sleep': 0.3}})
+                start = time.time()
+                self.assertEqual(support.exchange(sock, b'slow'), b'slow')
+                self.assertGreaterEqual(time.time() - start, 0.3)
+                self.assertEqual(conn.behaviors_met['delay'], 1)
+                self.assertEqual(conn.dummies, fast)
+                proxy.server.set_mix('dummy')
+                self.assertEqual(support.exchange(sock, b'fast'), b'fast')
+                self.assertEqual(conn.dummies, fast + 1)
+                self.assertEqual(conn.bytes_up, sum(map(len, payloads)) + 8)
+            counts = proxy.server.exchange_counts
+            self.assertEqual(counts['delay'], 1)
+            self.assertEqual(counts['dummy'], fast + 1)
+
+    def test_fast_path_half_close(self):
+        with support.ThreadedServer(support.hash_then_reply) as backend, \
+                support.Proxy(backend.address) as proxy:
+            with proxy.connect() as sock:
+                payload = os.urandom(5 << 20)
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                answer = support.recv_all(sock).decode()
+        self.assertEqual(answer, '%s %d\n' % (
+            hashlib.sha256(payload).hexdigest(), len(payload)))
+
+    def test_a_subclass_of_tcp_keeps_its_handle(self):
+        class Doubler(vaurien.TCP):
+            name = 'test-doubler'
+
+            def _handle(self, source, dest, to_backend):
+                data = self._get_data(source)
+                if not data:
+                    return self._end_of_stream(source, dest)
+                dest.sendall(data * 2 if to_backend else data)
+                return True
+
+        vaurien.Protocol.register(Doubler)
+        self.addCleanup(vaurien.Protocol.unregister, 'test-doubler')
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address, protocol='test-doubler') as proxy:
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'ab'), b'ab')
+                self.assertEqual(support.recv_exactly(sock, 2), b'ab')
+
+
 class BackendTroubleTest(unittest.TestCase):
 
     def test_unreachable_backend_closes_client_and_keeps_serving(self):
