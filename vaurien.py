@@ -616,7 +616,9 @@ class Dummy(_Configurable):
 
     - ``False``: close the connection (both sockets) now;
     - ``HANDLED`` (from ``on_before_handle``): the hook consumed the data
-      itself; skip the protocol's ``_handle`` and keep the connection;
+      itself; skip the protocol's ``_handle`` and keep the connection.  On
+      a request, the rest of that request is dropped; on an answer, the
+      bytes the hook read are dealt with and the rest still flows;
     - anything else (``True``, ``None``): carry on.
 
     Stream hooks (``on_chunk``, ``on_end``) see the bytes the protocol
@@ -904,7 +906,8 @@ class Error(_Counted):
         answer = protocol._error_answer(self)
         if answer is None:
             answer = _noise(protocol.connection.rng, 1000)
-        source.sendall(answer)
+        # through the outlet: never ahead of answers still held back
+        protocol.connection.outlet(source, False).sendall(answer)
         return HANDLED
 
 
@@ -1390,6 +1393,18 @@ class Connection(object):
                 self._poller.register(fd)
         except (KeyError, ValueError, OSError):
             pass
+
+    def wait_sent(self, to_backend):
+        """Block until the pieces waiting to go this way are sent (for a
+        hook about to answer itself); False if the connection must close."""
+        queue = self.queues and self.queues[to_backend]
+        while queue and queue.items:
+            delay = queue.items[0][0] - _now()
+            if delay > 0:
+                time.sleep(delay)
+            if not self._run_due():
+                return False
+        return True
 
     def close_at(self, when, reset=False):
         """Close the connection at *when* (with a RST to the client)."""

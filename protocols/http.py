@@ -1,0 +1,243 @@
+"""HTTP/1.x: one exchange per request, keep-alive and pipelining intact.
+
+Frames requests and responses by RFC 9112's rules: Content-Length,
+chunked bodies with trailers, HEAD, 1xx interim responses (100-continue),
+204 and 304, bodies delimited by the server's close.  After a 101
+(Upgrade) or a successful CONNECT the connection is plain pass-through.
+"""
+
+import vaurien
+
+from ._framing import (ALL, END, LINE, PASS, PEEK, REPLACE, SKIP, START,
+                       FLUSH, FramedProtocol, FramingError, number)
+
+MAX_LINE = 16 * 1024
+MAX_HEADERS = 64 * 1024
+
+REASONS = {
+    400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found',
+    408: 'Request Timeout', 413: 'Content Too Large',
+    429: 'Too Many Requests', 500: 'Internal Server Error',
+    501: 'Not Implemented', 502: 'Bad Gateway', 503: 'Service Unavailable',
+    504: 'Gateway Timeout', 507: 'Insufficient Storage',
+}
+_BLANK = (b'\r\n', b'\n')
+
+
+def _read_headers():
+    """Reads the header block (held, not emitted); returns
+    ``(headers, lines)``: ``{lowercase name: [values]}`` and the raw
+    lines, the blank one included."""
+    headers = {}
+    lines = []
+    size = 0
+    name = None
+    while True:
+        line = yield (LINE, MAX_LINE, False)
+        lines.append(line)
+        size += len(line)
+        if size > MAX_HEADERS:
+            raise FramingError('a header block over %d bytes' % MAX_HEADERS)
+        if line in _BLANK:
+            return headers, lines
+        if line[:1] in (b' ', b'\t'):
+            if name is None:
+                raise FramingError('a folded line before any header')
+            headers[name][-1] += b' ' + line.strip()
+            continue
+        name, sep, value = line.partition(b':')
+        name = name.strip().lower()
+        if not sep or not name or b' ' in name:
+            raise FramingError('malformed header line %r' % line[:60])
+        headers.setdefault(name, []).append(value.strip())
+
+
+def _tokens(headers, name):
+    found = []
+    for value in headers.get(name, ()):
+        found.extend(t.strip().lower() for t in value.split(b',')
+                     if t.strip())
+    return found
+
+
+def _content_length(headers):
+    values = set()
+    for value in headers.get(b'content-length', ()):
+        for part in value.split(b','):
+            values.add(number(part, 'Content-Length'))
+    if len(values) > 1:
+        raise FramingError('conflicting Content-Length values')
+    return values.pop() if values else None
+
+
+def _chunked():
+    """Passes a chunked body and its trailers on."""
+    while True:
+        line = yield (LINE, MAX_LINE)
+        size_text = line.split(b';', 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            size = -1
+        if size < 0 or not size_text or size_text[:1] in b'+-':
+            raise FramingError('malformed chunk size %r' % line[:40])
+        if size == 0:
+            break
+        yield (SKIP, size)
+        end = yield (LINE, 8)
+        if end not in _BLANK:
+            raise FramingError('a chunk without its CRLF')
+    while True:                             # trailers
+        line = yield (LINE, MAX_LINE)
+        if line in _BLANK:
+            return
+
+
+class HTTP(FramedProtocol):
+    """HTTP/1.1 (and 1.0): the behavior mix is drawn per request, and
+    ``error`` answers an HTTP error page (a random one of 500-503 as in
+    Vaurien 1.x, or the behavior's ``code``, e.g. 429 or 503)."""
+
+    name = 'http'
+    options = dict(FramedProtocol.options)
+    options.update({
+        'overwrite_host_header': (
+            "Rewrite each request's Host header to the backend's address",
+            bool, False),
+        'retry_after': (
+            "Seconds put in a Retry-After header of the error behavior's "
+            "answers; 0 sends none", int, 0),
+    })
+
+    @staticmethod
+    def check_options(values):
+        if values['retry_after'] < 0:
+            raise ValueError("option 'retry_after' must be 0 or more "
+                             "seconds")
+
+    # requests
+
+    def parse_requests(self):
+        while True:
+            line = yield (LINE, MAX_LINE, False)
+            if line in _BLANK:
+                yield (FLUSH,)      # tolerated between requests
+                continue
+            parts = line.split()
+            if len(parts) != 3 or not parts[2].startswith(b'HTTP/1.'):
+                raise FramingError('not an HTTP/1.x request line: %r'
+                                   % line[:60])
+            method, version = parts[0].upper(), parts[2]
+            headers, lines = yield from _read_headers()
+            connection = _tokens(headers, b'connection')
+            info = {
+                'method': method,
+                'close': b'close' in connection or (
+                    version == b'HTTP/1.0' and b'keep-alive' not in
+                    connection),
+                'continue': b'100-continue' in _tokens(headers, b'expect'),
+            }
+            if self.option('overwrite_host_header'):
+                yield (REPLACE, line + self._host(lines))
+            yield (START, info)
+            codings = _tokens(headers, b'transfer-encoding')
+            if codings:
+                if codings[-1] != b'chunked':
+                    raise FramingError('a request body with no length')
+                yield from _chunked()
+            else:
+                length = _content_length(headers)
+                if length:
+                    yield (SKIP, length)
+            yield (END, info)
+
+    def _host(self, lines):
+        host, port = self.connection.backend_address[:2]
+        if ':' in host:
+            host = '[%s]' % host
+        value = host if port == 80 else '%s:%d' % (host, port)
+        out = []
+        seen = False
+        for line in lines:
+            if line.split(b':', 1)[0].strip().lower() == b'host':
+                if not seen:
+                    out.append(b'Host: ' + value.encode('ascii') + b'\r\n')
+                seen = True
+                continue
+            out.append(line)
+        if not seen:
+            out.insert(0, b'Host: ' + value.encode('ascii') + b'\r\n')
+        return b''.join(out)
+
+    # responses
+
+    def parse_responses(self):
+        while True:
+            yield (PEEK, 1)
+            line = yield (LINE, MAX_LINE, False)
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b'HTTP/1.'):
+                raise FramingError('not an HTTP/1.x status line: %r'
+                                   % line[:60])
+            status = number(parts[1], 'status code', 100, 999)
+            headers, _ = yield from _read_headers()
+            request = self.awaited() or {}
+            method = request.get('method')
+            interim = 100 <= status < 200 and status != 101
+            yield (START, {'interim': interim})
+            if status == 101 or (method == b'CONNECT' and
+                                 200 <= status < 300):
+                yield (END, {})
+                yield (PASS, 'HTTP %d: plain pass-through' % status)
+            if interim:
+                yield (END, {'interim': True})
+                continue
+            codings = _tokens(headers, b'transfer-encoding')
+            if method == b'HEAD' or status in (204, 304):
+                pass
+            elif codings:
+                if codings[-1] == b'chunked':
+                    yield from _chunked()
+                else:
+                    yield (ALL,)
+            else:
+                length = _content_length(headers)
+                if length is None:
+                    yield (ALL,)
+                elif length:
+                    yield (SKIP, length)
+            yield (END, {})
+
+    # the error behavior
+
+    def _error_answer(self, behavior):
+        request = self.request or {}
+        code = behavior.option('code')
+        if not code:
+            code = self.connection.rng.choice((500, 501, 502, 503))
+        reason = REASONS.get(code, 'Error')
+        message = behavior.option('message') or reason
+        body = ('<html><head><title>%d %s</title></head><body><h1>%d %s'
+                '</h1><p>%s</p></body></html>\n' % (
+                    code, reason, code, reason, _escape(message))
+                ).encode('utf-8')
+        head = ['HTTP/1.1 %d %s' % (code, reason),
+                'Content-Type: text/html; charset=utf-8',
+                'Content-Length: %d' % len(body)]
+        if self.option('retry_after'):
+            head.append('Retry-After: %d' % self.option('retry_after'))
+        if request.get('close') or request.get('continue'):
+            # the client may not send the body it announced: end here
+            head.append('Connection: close')
+            self.close_after_answer = True
+        if request.get('method') == b'HEAD' or code in (204, 304):
+            body = b''
+        return ('\r\n'.join(head) + '\r\n\r\n').encode('latin-1') + body
+
+
+def _escape(text):
+    return (text.replace('&', '&amp;').replace('<', '&lt;')
+            .replace('>', '&gt;'))
+
+
+vaurien.Protocol.register(HTTP)

@@ -1,0 +1,142 @@
+"""memcached's text protocol, one exchange per command.
+
+Frames storage commands with their data blocks (set, add, replace,
+append, prepend, cas), get/gets/gat/gats over any number of keys,
+incr/decr, delete, touch, stats, ``noreply``, and the meta commands (mg,
+ms, md, ma, mn, me).  Values are passed on as they arrive.  A client that
+speaks the binary protocol gets plain pass-through.
+
+Quiet meta commands (flag ``q``) answer only sometimes; from the first one
+until the ``mn`` that closes the batch, answers are not matched to
+requests (the behaviors still apply per request).
+"""
+
+import vaurien
+
+from ._framing import (END, LINE, PASS, PEEK, READ, SKIP, START,
+                       FramedProtocol, FramingError, number)
+
+MAX_LINE = 64 * 1024
+MAX_VALUE = 1024 * 1024 * 1024
+
+_STORAGE = frozenset([b'set', b'add', b'replace', b'append', b'prepend',
+                      b'cas'])
+_NOREPLY = frozenset([b'incr', b'decr', b'delete', b'touch', b'flush_all',
+                      b'verbosity', b'cache_memlimit'])
+_META = frozenset([b'mg', b'ms', b'md', b'ma', b'mn', b'me'])
+_LISTS = (b'STAT ', b'ITEM ', b'PREFIX ')
+
+
+class Memcache(FramedProtocol):
+    """memcached (text and meta commands): the behavior mix is drawn per
+    command, and ``error`` answers ``SERVER_ERROR <message>``."""
+
+    name = 'memcache'
+    options = dict(FramedProtocol.options)
+
+    def __init__(self, settings=None, proxy=None):
+        super(Memcache, self).__init__(settings, proxy)
+        self._loose = False
+
+    # requests
+
+    def parse_requests(self):
+        first = yield (PEEK, 1)
+        if first[:1] == b'\x80':
+            yield (PASS, 'binary protocol')
+        while True:
+            line = yield (LINE, MAX_LINE, False)
+            words = line.split()
+            command = words[0].lower() if words else b''
+            info = {'cmd': command, 'replies': 1}
+            data = None
+            if command in _STORAGE:
+                need = 6 if command == b'cas' else 5
+                if len(words) < need:
+                    raise FramingError('malformed %s line' %
+                                       command.decode())
+                data = number(words[4], 'data length', 0, MAX_VALUE)
+                if len(words) > need and words[need] == b'noreply':
+                    info['replies'] = 0
+            elif command in _NOREPLY:
+                if len(words) > 1 and words[-1] == b'noreply':
+                    info['replies'] = 0
+            elif command in _META:
+                flags = words[3:] if command == b'ms' else words[2:]
+                if command == b'ms':
+                    if len(words) < 3:
+                        raise FramingError('malformed ms line')
+                    data = number(words[2], 'data length', 0, MAX_VALUE)
+                if b'q' in flags:
+                    self._loose = True
+                if command == b'mn' and self._loose:
+                    self._loose = False
+                    info['barrier'] = True
+                elif self._loose:
+                    info['replies'] = 0
+            elif command == b'quit':
+                info['replies'] = 0
+            elif command in (b'watch', b'lru_crawler'):
+                yield (PASS, '%s: plain pass-through' % command.decode())
+            if self._loose:
+                info['replies'] = 0
+            yield (START, info)
+            if data is not None:
+                yield (SKIP, data)
+                end = yield (READ, 2)
+                if end != b'\r\n':
+                    raise FramingError('a data block without its CRLF')
+            yield (END, info)
+
+    # responses (they tell their own shape)
+
+    def parse_responses(self):
+        first = yield (PEEK, 1)
+        if first[:1] == b'\x81':
+            yield (PASS, 'binary protocol')
+        while True:
+            yield (PEEK, 1)
+            request = self.awaited() or {}
+            line = yield (LINE, MAX_LINE, False)
+            if request.get('barrier') and not line.startswith(b'MN'):
+                start = {'push': True}      # a quiet command's answer
+            else:
+                start = {}
+            yield (START, start)
+            while True:
+                if line.startswith(b'VALUE '):
+                    words = line.split()
+                    if len(words) < 4:
+                        raise FramingError('malformed VALUE line')
+                    yield (SKIP, number(words[3], 'value length', 0,
+                                        MAX_VALUE))
+                    end = yield (READ, 2)
+                    if end != b'\r\n':
+                        raise FramingError('a value without its CRLF')
+                elif line.startswith(b'VA '):
+                    words = line.split()
+                    yield (SKIP, number(words[1], 'value length', 0,
+                                        MAX_VALUE))
+                    end = yield (READ, 2)
+                    if end != b'\r\n':
+                        raise FramingError('a value without its CRLF')
+                    break
+                elif not line.startswith(_LISTS):
+                    if not line.endswith(b'\n') or not line.strip():
+                        raise FramingError('malformed reply %r' % line[:40])
+                    break
+                line = yield (LINE, MAX_LINE)
+            yield (END, start)
+
+    # the error behavior
+
+    def _error_answer(self, behavior):
+        request = self.request or {}
+        if not request.get('replies', 1):
+            return b''          # noreply: the client reads nothing
+        message = ' '.join(str(behavior.option('message') or '').split())
+        return ('SERVER_ERROR %s\r\n' % (
+            message or 'out of memory storing object')).encode('utf-8')
+
+
+vaurien.Protocol.register(Memcache)

@@ -1,0 +1,384 @@
+"""Redis: RESP2 and RESP3, one exchange per command.
+
+Frames commands (RESP arrays or inline lines, any number in one read) and
+replies of every RESP type (``+ - : $ *`` and RESP3's ``_ , # ! = ( % ~ >
+|``, streamed strings and aggregates included).  Large values are passed
+on as they arrive.  Push messages (RESP3 ``>``, and in RESP2 everything
+after SUBSCRIBE or MONITOR) flow without a request.
+"""
+
+import vaurien
+
+from ._framing import (FLUSH, END, LINE, PASS, PEEK, READ, SCAN, SKIP, START,
+                       FramedProtocol, FramingError)
+
+MAX_LINE = 64 * 1024
+#: bytes of an argument kept to know the command (longer ones stream)
+SMALL = 512
+
+_SIMPLE = frozenset(b'+-:_,#(')
+_BLOB = frozenset(b'$!=')
+_AGGREGATE = frozenset(b'*~>%|')
+_SUBSCRIBE = frozenset([b'SUBSCRIBE', b'PSUBSCRIBE', b'SSUBSCRIBE',
+                        b'UNSUBSCRIBE', b'PUNSUBSCRIBE', b'SUNSUBSCRIBE'])
+_UNSUBSCRIBED = frozenset([b'unsubscribe', b'punsubscribe', b'sunsubscribe'])
+
+
+def _int(text, what):
+    try:
+        value = int(text)
+    except ValueError:
+        raise FramingError('malformed %s %r' % (what, bytes(text[:40])))
+    return value
+
+
+class ValueScanner(object):
+    """Passes *count* whole RESP values on (a SCAN function), streaming the
+    payload of large strings.  With *record*, keeps up to that many of the
+    first bytes in ``head``."""
+
+    def __init__(self, count=1, record=0):
+        self.stack = [count]
+        self.bulk = 0           # payload bytes left of a string
+        self.crlf = False       # the string's CRLF is still to check
+        self.chunked = False    # inside a streamed string ($?)
+        self.record = record
+        self.head = bytearray()
+
+    def _complete(self):
+        """One element is complete; True when the whole value is."""
+        stack = self.stack
+        while True:
+            if stack[-1] < 0:
+                return False
+            stack[-1] -= 1
+            if stack[-1] > 0:
+                return False
+            stack.pop()
+            if not stack:
+                return True
+
+    def __call__(self, buf, start):
+        pos = self._scan(buf, start)
+        if self.record and len(self.head) < self.record:
+            self.head += buf[start:min(pos, start + self.record)]
+        return pos, not self.stack, None
+
+    def _scan(self, buf, pos):
+        end = len(buf)
+        stack = self.stack
+        while stack:
+            if self.bulk:
+                take = min(self.bulk, end - pos)
+                pos += take
+                self.bulk -= take
+                if self.bulk:
+                    return pos
+            if self.crlf:
+                if end - pos < 2:
+                    return pos
+                if buf[pos:pos + 2] != b'\r\n':
+                    raise FramingError('a string without its CRLF')
+                pos += 2
+                self.crlf = False
+                if not self.chunked and self._complete():
+                    return pos
+                continue
+            if pos >= end:
+                return pos
+            index = buf.find(b'\r\n', pos, pos + MAX_LINE)
+            if index < 0:
+                if end - pos >= MAX_LINE:
+                    raise FramingError('a line longer than %d bytes'
+                                       % MAX_LINE)
+                return pos
+            kind = buf[pos]
+            arg = buf[pos + 1:index]
+            line_end = index + 2
+            if self.chunked:
+                if kind != 59:      # ';'
+                    raise FramingError('malformed streamed string')
+                size = _int(arg, 'chunk size')
+                pos = line_end
+                if size < 0:
+                    raise FramingError('negative chunk size')
+                if size == 0:
+                    self.chunked = False
+                    if self._complete():
+                        return pos
+                else:
+                    self.bulk = size
+                    self.crlf = True
+                continue
+            pos = line_end
+            if kind in _SIMPLE:
+                if self._complete():
+                    return pos
+            elif kind in _BLOB:
+                if arg == b'?':
+                    self.chunked = True
+                    continue
+                size = _int(arg, 'string length')
+                if size < -1:
+                    raise FramingError('string length %d' % size)
+                if size == -1:
+                    if self._complete():
+                        return pos
+                else:
+                    self.bulk = size
+                    self.crlf = True
+            elif kind in _AGGREGATE:
+                if kind == 124 and stack[-1] > 0:   # '|': not an element
+                    stack[-1] += 1
+                if arg == b'?':
+                    stack.append(-1)
+                    continue
+                size = _int(arg, 'aggregate length')
+                if size < -1:
+                    raise FramingError('aggregate length %d' % size)
+                if kind in (37, 124):               # '%', '|': pairs
+                    size *= 2
+                if size <= 0:
+                    if self._complete():
+                        return pos
+                else:
+                    stack.append(size)
+            elif kind == 46 and stack[-1] < 0:      # '.': end of streamed
+                stack.pop()
+                if self._complete():
+                    return pos
+            else:
+                raise FramingError('unknown RESP type %r' % bytes([kind]))
+        return pos
+
+
+def decode_small(data):
+    """A recorded value's top level: a list of str/int (or one of them),
+    or None when it is not complete or not that simple."""
+    lines = bytes(data).split(b'\r\n')
+    if not lines or not lines[0]:
+        return None
+    first = lines[0]
+    kind, arg = first[:1], first[1:]
+    try:
+        if kind in (b'+', b'-'):
+            return arg
+        if kind == b':':
+            return int(arg)
+        if kind not in (b'*', b'>'):
+            return None
+        count = int(arg)
+        items = []
+        index = 1
+        while len(items) < count and index < len(lines):
+            line = lines[index]
+            kind, arg = line[:1], line[1:]
+            if kind == b'$':
+                if int(arg) < 0:
+                    items.append(None)
+                    index += 1
+                else:
+                    items.append(lines[index + 1])
+                    index += 2
+            elif kind == b':':
+                items.append(int(arg))
+                index += 1
+            elif kind in (b'+', b'-'):
+                items.append(arg)
+                index += 1
+            else:
+                return None
+        return items if len(items) == count else None
+    except (ValueError, IndexError):
+        return None
+
+
+class Redis(FramedProtocol):
+    """Redis (RESP2 and RESP3): the behavior mix is drawn per command, and
+    ``error`` answers a Redis error reply (``-ERR ...``, or the error code
+    that starts the behavior's ``message``, e.g. ``OOM ...``, ``LOADING
+    ...``, ``READONLY ...``)."""
+
+    name = 'redis'
+    options = dict(FramedProtocol.options)
+
+    def __init__(self, settings=None, proxy=None):
+        super(Redis, self).__init__(settings, proxy)
+        self.resp3 = False
+        self._req_push = False      # commands get push replies only
+        self._resp_push = False     # replies are read as push messages
+        self._monitor = False
+        self._reply = 'on'          # CLIENT REPLY: on, off, skip
+
+    # requests
+
+    def parse_requests(self):
+        while True:
+            first = yield (PEEK, 1)
+            if first == b'*':
+                line = yield (LINE, MAX_LINE, False)
+                if not line.endswith(b'\r\n'):
+                    raise FramingError('a command line without CRLF')
+                count = _int(line[1:-2], 'argument count')
+                if count <= 0:
+                    yield (FLUSH,)          # redis ignores it: no reply
+                    continue
+                if count > 1024 * 1024:
+                    raise FramingError('%d arguments' % count)
+                args = []
+                left = count
+                streaming = 0
+                while left and len(args) < 3:
+                    header = yield (LINE, MAX_LINE, False)
+                    if header[:1] != b'$' or not header.endswith(b'\r\n'):
+                        raise FramingError('an argument that is no bulk '
+                                           'string: %r' % header[:40])
+                    size = _int(header[1:-2], 'argument length')
+                    if size < 0:
+                        raise FramingError('argument length %d' % size)
+                    left -= 1
+                    if size > SMALL or not args and size > 64:
+                        streaming = size
+                        args.append(None)
+                        break
+                    data = yield (READ, size + 2, False)
+                    if data[-2:] != b'\r\n':
+                        raise FramingError('an argument without its CRLF')
+                    args.append(data[:-2])
+                if args[0] is None:
+                    raise FramingError('a command name of %d bytes'
+                                       % streaming)
+                info = self._command(args)
+                if info is None:
+                    yield (PASS, 'replication stream')
+                yield (START, info)
+                if streaming:
+                    yield (SKIP, streaming)
+                    check = yield (READ, 2)
+                    if check != b'\r\n':
+                        raise FramingError('an argument without its CRLF')
+                if left:
+                    yield (SCAN, ValueScanner(left))
+                yield (END, info)
+            else:
+                line = yield (LINE, MAX_LINE, False)
+                words = line.split()
+                if not words:
+                    yield (FLUSH,)          # an empty line: no reply
+                    continue
+                if first in b'$:+-':
+                    raise FramingError('not a command: %r' % line[:40])
+                info = self._command(words[:3])
+                if info is None:
+                    yield (PASS, 'replication stream')
+                info['inline'] = True
+                yield (START, info)
+                yield (END, info)
+
+    def _command(self, args):
+        name = args[0].upper()
+        sub = args[1].upper() if len(args) > 1 and args[1] else b''
+        info = {'cmd': name, 'replies': 1}
+        if name in (b'SYNC', b'PSYNC'):
+            return None
+        if self._reply != 'on':
+            info['replies'] = 0
+            info['silent'] = True
+            if self._reply == 'skip':
+                self._reply = 'on'
+        if name == b'CLIENT' and sub == b'REPLY':
+            mode = args[2].upper() if len(args) > 2 and args[2] else b''
+            if mode == b'ON':
+                self._reply = 'on'
+                info['replies'] = 1
+                info.pop('silent', None)
+            elif mode in (b'OFF', b'SKIP'):
+                self._reply = mode.decode('ascii').lower()
+                info['replies'] = 0
+                info['silent'] = True
+            return info
+        if name == b'RESET':
+            self._reply = 'on'
+            self.resp3 = False
+            if self._req_push:
+                info['replies'] = 0     # its +RESET ends the push stream
+            return info
+        if self._req_push:
+            info['replies'] = 0
+            return info
+        if name in _SUBSCRIBE:
+            if self.resp3:
+                info['replies'] = 0     # its replies are push messages
+            else:
+                info['enter_push'] = True
+                self._req_push = True
+        elif name == b'MONITOR':
+            info['enter_push'] = True
+            info['monitor'] = True
+            self._req_push = True
+        elif name == b'HELLO':
+            info['hello'] = True
+        return info
+
+    # responses
+
+    def parse_responses(self):
+        while True:
+            first = yield (PEEK, 1)
+            info = self.awaited()
+            if self._resp_push or first == b'>':
+                yield (START, {'push': True})
+                scanner = ValueScanner(1, record=4096 if self._resp_push
+                                       else 0)
+                yield (SCAN, scanner)
+                yield (END, {'push': True})
+                if self._resp_push:
+                    self._after_push(decode_small(scanner.head))
+                continue
+            if first not in b'+-:$*_,#!=(%~|':
+                raise FramingError('not a RESP reply: %r' % first)
+            record = 4096 if info and (info.get('enter_push') or
+                                       info.get('hello')) else 0
+            scanner = ValueScanner(1, record=record)
+            yield (START, {})
+            yield (SCAN, scanner)
+            yield (END, {})
+            if info and info.get('hello') and first != b'-':
+                self.resp3 = first == b'%'
+            if info and info.get('enter_push') and first != b'-':
+                self._resp_push = True
+                if info.get('monitor'):
+                    self._monitor = True
+                else:
+                    self._after_push(decode_small(scanner.head))
+
+    def _after_push(self, message):
+        """Leave push mode on the reply that ends it."""
+        done = False
+        if message == b'RESET':
+            done = True
+        elif (not self._monitor and isinstance(message, list) and
+              len(message) == 3 and isinstance(message[0], bytes) and
+              message[0].lower() in _UNSUBSCRIBED and message[2] == 0):
+            done = True
+        if done:
+            self._resp_push = self._req_push = self._monitor = False
+            if message == b'RESET':
+                self.resp3 = False
+
+    # the error behavior
+
+    def _error_answer(self, behavior):
+        info = self.request or {}
+        if info.get('silent'):
+            return b''
+        message = ' '.join(str(behavior.option('message') or '').split())
+        if not message:
+            message = 'ERR vaurien: injected error'
+        word = message.split()[0]
+        if not (word.isupper() and word.isalpha()):
+            message = 'ERR ' + message
+        return ('-%s\r\n' % message).encode('utf-8')
+
+
+vaurien.Protocol.register(Redis)
