@@ -2886,6 +2886,8 @@ def build_server(settings, plugin_options):
     for key in ('timeout', 'idle_timeout'):
         if settings[key] < 0:
             raise VaurienError('%s must be 0 or more seconds' % key)
+    if settings['backlog'] < 1:
+        raise VaurienError('backlog must be 1 or more (default 2048)')
     if settings['timeout'] == 0:
         settings['timeout'] = None
     proxy = parse_address(settings['proxy'], 'proxy address', allow_zero=True)
@@ -2999,6 +3001,8 @@ def main(argv=None):
         configure_logging(settings['log_level'], settings['log_output'])
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
+        if settings['ready_file']:
+            write_ready_file(settings['ready_file'], server, control)
         logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
                     __version__, format_address(server.address),
                     format_address(server.backend), server.protocol_name,
@@ -3007,8 +3011,6 @@ def main(argv=None):
             logger.info('control API on http://%s%s',
                         format_address(control.address),
                         ' (bearer token required)' if control.token else '')
-        if settings['ready_file']:
-            write_ready_file(settings['ready_file'], server, control)
     except VaurienError as exc:
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2

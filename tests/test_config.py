@@ -152,6 +152,12 @@ class BadInputTest(unittest.TestCase):
         self.assertOneLineError(['--timeout', 'long'],
                                 "'timeout' must be a number")
         self.assertOneLineError(['--unknown-flag'], 'unrecognized arguments')
+        self.assertOneLineError(['--backlog', '0'], 'backlog must be 1 or more')
+        self.assertOneLineError(['--behavior', '10:delay+'],
+                                "unknown behavior ''")
+        self.assertOneLineError(['--behavior', 'slicer',
+                                 '--behavior-slicer-average-size', '0'],
+                                "'average_size' must be 1 or more")
 
     def test_ini_file_problems(self):
         self.assertOneLineError(['--config', '/no/such/file.ini'],
