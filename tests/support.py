@@ -349,6 +349,8 @@ def http_backend(test, body=b'hello', version='HTTP/1.1'):
     handler = type('Handler', (_FixedHandler,), {'protocol_version': version})
     httpd = http.server.HTTPServer(('127.0.0.1', 0), handler)
     httpd.body = body
+    # clients cut off by abort or blackout are expected here: no tracebacks
+    httpd.handle_error = lambda request, address: None
     thread = threading.Thread(target=httpd.serve_forever,
                               kwargs={'poll_interval': 0.05}, daemon=True)
     thread.start()

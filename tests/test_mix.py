@@ -241,6 +241,7 @@ class PipelineTest(MixTestCase):
         with support.ThreadedServer(answer_got) as backend:
             proxy.server.backend = backend.address
             with proxy.connect() as sock:
+                sock.settimeout(30)     # a loaded machine is slow, not wrong
                 start = time.time()
                 for i in range(40):
                     sock.sendall(b'%03d;' % i)
