@@ -1051,10 +1051,13 @@ class Mix(object):
         return self._table[-1][1:]
 
     def behaviors(self):
-        """Every behavior instance in the mix, composites' parts included."""
-        for behavior in self.instances.values():
-            for part in getattr(behavior, 'parts', [behavior]):
-                yield part
+        """Every behavior instance of the mix with a share above 0,
+        composites' parts included."""
+        for name, percent in self.shares:
+            if percent > 0:
+                behavior = self.instances[name]
+                for part in getattr(behavior, 'parts', [behavior]):
+                    yield part
 
     def __str__(self):
         if self.single is not None:
@@ -1117,7 +1120,7 @@ class Flow(object):
     """What a stream hook (``on_chunk``, ``on_end``) sees: one behavior's
     view of one direction of one connection."""
 
-    __slots__ = ('connection', 'to_backend', 'behavior', 'state')
+    __slots__ = ('connection', 'to_backend', 'behavior', 'state', '_rng')
 
     def __init__(self, connection, to_backend, behavior):
         self.connection = connection
@@ -1126,11 +1129,23 @@ class Flow(object):
         self.behavior = behavior
         #: a dict private to this flow
         self.state = {}
+        self._rng = None
 
     @property
     def rng(self):
-        """The connection's random generator (``--seed`` replays it)."""
-        return self.connection.rng
+        """This flow's random generator.  With ``--seed``, seeded from the
+        seed, the connection's number, the direction and the behavior, so
+        a replay does not depend on which direction happened to go
+        first."""
+        if self._rng is None:
+            seed = self.connection.server.seed
+            if seed is None:
+                self._rng = self.connection.rng
+            else:
+                self._rng = random.Random('%s:%d:%s:%s' % (
+                    seed, self.connection.id,
+                    'up' if self.to_backend else 'down', self.behavior.name))
+        return self._rng
 
     @staticmethod
     def now():
@@ -1423,12 +1438,19 @@ class Connection(object):
     def _run_due(self):
         """Send what is due; False when the connection must close now."""
         now = _now()
-        if self._closing is not None and self._closing[0] <= now:
-            if self._closing[1]:
+        closing = self._closing
+        if closing is not None and closing[0] <= now:
+            # what was due before the close still goes out first
+            self._send_due(closing[0])
+            if closing[1]:
                 _reset(self.client)
             return False
+        self._send_due(now)
+        return True
+
+    def _send_due(self, now):
         if self.queues is None:
-            return True
+            return
         for to_backend, queue in self.queues.items():
             items = queue.items
             while items and items[0][0] <= now:
@@ -1439,7 +1461,6 @@ class Connection(object):
             if queue.paused and queue.size < self.low_water:
                 queue.paused = False
                 self._pause(to_backend, False)
-        return True
 
     def stop_reading(self, sock):
         """Stop watching *sock*; False when nothing is left to watch (nor
@@ -1474,6 +1495,13 @@ class Connection(object):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if server.mix.per_connection:
+            # a behavior drawn for the whole connection also covers what
+            # the backend says before the client's first request
+            name, behavior = self._draw(server.mix)
+            if not behavior.passive and behavior.scope == 'connection':
+                self.exchange = Exchange(0, name, behavior)
+                server.decide(self, 0, behavior)
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
         protocol.setup(client, backend)
@@ -1505,7 +1533,7 @@ class Connection(object):
             else:       # only pieces waiting for their time
                 time.sleep(timeout)
                 events = ()
-            if due is not None and not self._run_due():
+            if due is not None and not self._guarded(self._run_due):
                 return
             if not events:
                 if not timer:
@@ -1527,16 +1555,21 @@ class Connection(object):
                     return
 
     def _step(self, protocol, source, dest, to_backend):
+        return self._guarded(protocol, source, dest, to_backend)
+
+    def _guarded(self, call, *args):
+        """Run *call*; a peer gone or a plugin raising closes this
+        connection only (False), with one log line."""
         try:
-            return protocol(source, dest, to_backend)
+            return call(*args)
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
                 socket.timeout) as exc:
             logger.debug('connection %s: %s', self.describe(),
                          _os_error_text(exc))
             if isinstance(exc, ConnectionResetError):
                 # one peer reset: pass the reset on to the other
-                _reset(source)
-                _reset(dest)
+                _reset(self.client)
+                _reset(self.backend)
             return False
         except OSError as exc:
             if self.server.closing:

@@ -179,7 +179,7 @@ class ScopeTest(MixTestCase):
         for conn, number in self.marked(proxy):
             per_connection.setdefault(conn, []).append(number)
         for numbers in per_connection.values():
-            self.assertEqual(numbers, [1, 2, 3, 4])
+            self.assertEqual(numbers, [0, 1, 2, 3, 4])  # 0: from the start
         self.assertTrue(4 <= len(per_connection) <= 22, per_connection)
 
     def test_exchange_scope_varies_within_a_connection(self):
