@@ -2298,6 +2298,10 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def address(self):
         return self.server_address[:2]
 
+    def handle_error(self, request, client_address):
+        logger.debug('control API: %s: %s', format_address(client_address),
+                     sys.exc_info()[1])
+
 
 # Client helpers #########################################################
 
