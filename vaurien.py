@@ -1787,6 +1787,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.dummy = Dummy()
         self.connections = {}
         self.closing = False
+        self._starved = False   # warned of running out of descriptors
         self._ids = itertools.count(1)
         self._stats_lock = threading.Lock()
         self.started = time.time()
@@ -1812,6 +1813,21 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._activate()
 
     # what connections need
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                             errno.ENOMEM):
+                # the connection waits in the backlog; do not spin on it
+                if not self._starved:
+                    logger.warning('out of file descriptors (%s): new '
+                                   'connections wait; raise the limit '
+                                   '(ulimit -n)', _os_error_text(exc))
+                self._starved = True
+                time.sleep(0.05)
+            raise
 
     def connect_backend(self, address=None):
         sock = socket.create_connection(address or self.backend,
@@ -3022,6 +3038,24 @@ def write_ready_file(path, server, control):
             path, _os_error_text(exc)))
 
 
+def raise_descriptor_limit(wanted=1 << 16):
+    """Each connection takes two file descriptors: ask for as many as the
+    system allows (the hard limit; more when privileged)."""
+    try:
+        import resource
+    except ImportError:         # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limits in ((max(hard, wanted), max(hard, wanted)), (hard, hard)):
+        if limits[0] == resource.RLIM_INFINITY or limits[0] <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def main(argv=None):
     """The ``vaurien`` command.  Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -3036,6 +3070,7 @@ def main(argv=None):
             list_plugins()
             return 0
         configure_logging(settings['log_level'], settings['log_output'])
+        raise_descriptor_limit()
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
         if settings['ready_file']:

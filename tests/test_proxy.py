@@ -264,6 +264,59 @@ class ProcessTest(unittest.TestCase):
                     self.assertGreaterEqual(time.time() - start, 0.2)
 
 
+class DescriptorTest(unittest.TestCase):
+
+    def test_out_of_descriptors_waits_without_spinning(self):
+        import subprocess
+        import sys
+        try:
+            import resource
+        except ImportError:
+            self.skipTest('no resource module on this platform')
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+        with support.EchoServer() as echo:
+            port = support.free_port()
+            proc = subprocess.Popen(
+                [sys.executable, support.VAURIEN_PY, '--proxy',
+                 '127.0.0.1:%d' % port, '--backend',
+                 '127.0.0.1:%d' % echo.port, '--log-level', 'warning'],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                preexec_fn=low_limit, universal_newlines=True)
+            socks = []
+            try:
+                first = wait_connect(('127.0.0.1', port))
+                socks.append(first)
+                self.assertEqual(support.exchange(first, b'0'), b'0')
+                for _ in range(30):     # more than 48 descriptors allow
+                    socks.append(support.connect(('127.0.0.1', port)))
+                time.sleep(0.5)
+                before = _cpu_seconds(proc.pid)
+                time.sleep(1.0)
+                spent = _cpu_seconds(proc.pid) - before
+                self.assertLess(spent, 0.5)     # waiting, not spinning
+                last = socks[-1]
+                last.sendall(b'late')
+                for sock in socks[1:-1]:
+                    sock.close()
+                self.assertEqual(support.recv_exactly(last, 4), b'late')
+            finally:
+                for sock in socks:
+                    sock.close()
+                proc.terminate()
+                err = proc.communicate(timeout=10)[1]
+        self.assertEqual(err.count('out of file descriptors'), 1, err)
+
+
+def _cpu_seconds(pid):
+    with open('/proc/%d/stat' % pid) as stream:
+        fields = stream.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(
+        os.sysconf('SC_CLK_TCK'))
+
+
 class StatsdTest(unittest.TestCase):
 
     def test_counters_have_bounded_names(self):
