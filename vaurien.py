@@ -655,6 +655,7 @@ class Dummy(_Configurable):
 
     def update_settings(self, settings):
         self.settings.update(settings)
+        self._in_force = None
         self.ready()
 
     def ready(self):
@@ -1221,6 +1222,7 @@ class Connection(object):
         self.id = next(server._ids)
         self.client = client
         self.client_address = address
+        self.client_text = format_address(address)
         self.backend = None
         self.backend_address = server.backend
         self.started = time.time()
@@ -1852,17 +1854,17 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         parts = getattr(behavior, 'parts', [behavior])
         directions = set(part.settings.get('direction', 'both')
                          for part in parts)
-        record = collections.OrderedDict([
-            ('id', next(self._decision_ids)),
-            ('time', round(time.time(), 6)),
-            ('connection', conn.id),
-            ('client', format_address(conn.client_address)),
-            ('exchange', number),
-            ('direction', directions.pop() if len(directions) == 1
-             else 'mixed'),
-            ('behavior', behavior.name),
-            ('options', dict((part.name, _options_in_force(part))
-                             for part in parts))])
+        record = {
+            'id': next(self._decision_ids),
+            'time': round(time.time(), 6),
+            'connection': conn.id,
+            'client': conn.client_text,
+            'exchange': number,
+            'direction': directions.pop() if len(directions) == 1
+            else 'mixed',
+            'behavior': behavior.name,
+            'options': dict((part.name, _options_in_force(part))
+                            for part in parts)}
         self.decisions.append(record)
         if logger.isEnabledFor(logging.INFO):
             logger.info('decision %d: connection %d (%s) exchange %d: %s, '
@@ -2042,10 +2044,15 @@ def _readable(sock, timeout):
 # The control API ########################################################
 
 def _options_in_force(behavior):
-    values = dict((name, _option_spec(spec)[2])
-                  for name, spec in option_table(type(behavior)).items())
-    values.update(behavior.settings)
-    return values
+    """Every option value of *behavior*, defaults included (cached: the
+    values of an instance do not change once it is in force)."""
+    cached = getattr(behavior, '_in_force', None)
+    if cached is None:
+        cached = dict((name, _option_spec(spec)[2])
+                      for name, spec in option_table(type(behavior)).items())
+        cached.update(behavior.settings)
+        behavior._in_force = cached
+    return dict(cached)
 
 
 class Controller(object):
