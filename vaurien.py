@@ -821,13 +821,19 @@ class Delay(Dummy):
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         if to_backend and self.option('before'):
-            time.sleep(self.option('sleep'))
+            _sleep(self.option('sleep'))
         return True
 
     def on_after_handle(self, protocol, source, dest, to_backend):
         if to_backend and not self.option('before'):
-            time.sleep(self.option('sleep'))
+            _sleep(self.option('sleep'))
         return True
+
+
+def _sleep(seconds):
+    # sleep(0) would still hand the GIL round every thread waiting for it
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 class _Counted(Dummy):
@@ -3045,6 +3051,10 @@ def write_ready_file(path, server, control):
             path, _os_error_text(exc)))
 
 
+#: seconds; see main()
+SWITCH_INTERVAL = 0.05
+
+
 def raise_descriptor_limit(wanted=1 << 16):
     """Each connection takes two file descriptors: ask for as many as the
     system allows (the hard limit; more when privileged)."""
@@ -3078,6 +3088,11 @@ def main(argv=None):
             return 0
         configure_logging(settings['log_level'], settings['log_output'])
         raise_descriptor_limit()
+        # Threads waiting for the GIL each wake every switch interval to
+        # claim it: with thousands of connections busy at once, the
+        # default 5 ms floods the scheduler.  Only when vaurien is the
+        # program: a test process that imports it keeps its own setting.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
         if settings['ready_file']:
