@@ -768,30 +768,28 @@ class Composite(Dummy):
     def admits(self, connection, number):
         return True
 
-    def on_before_handle(self, protocol, source, dest, to_backend):
+    def _each(self, hook, protocol, source, dest, to_backend):
+        """Run *hook* of each part in order; stop at the first that closes
+        the connection or (on_before_handle) handles the data."""
         for part in self.parts:
             if part.hooks and part.acts(to_backend):
-                verdict = part.on_before_handle(protocol, source, dest,
-                                                to_backend)
+                verdict = getattr(part, hook)(protocol, source, dest,
+                                              to_backend)
                 if verdict is False or verdict is HANDLED:
                     return verdict
         return True
 
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        return self._each('on_before_handle', protocol, source, dest,
+                          to_backend)
+
     def on_between_handle(self, protocol, source, dest, to_backend):
-        for part in self.parts:
-            if part.hooks and part.acts(to_backend):
-                if part.on_between_handle(protocol, source, dest,
-                                          to_backend) is False:
-                    return False
-        return True
+        return self._each('on_between_handle', protocol, source, dest,
+                          to_backend) is not False
 
     def on_after_handle(self, protocol, source, dest, to_backend):
-        for part in self.parts:
-            if part.hooks and part.acts(to_backend):
-                if part.on_after_handle(protocol, source, dest,
-                                        to_backend) is False:
-                    return False
-        return True
+        return self._each('on_after_handle', protocol, source, dest,
+                          to_backend) is not False
 
     def on_open(self, connection):
         for part in self.parts:
