@@ -412,19 +412,28 @@ class FramedProtocol(BaseProtocol):
     # client to backend
 
     def _from_client(self, data):
-        parser = self._req
+        return self._from(True, data)
+
+    def _from(self, to_backend, data):
+        """Feed what one side sent (b'': its end of stream) to its parser
+        and act on the events."""
+        if to_backend:
+            parser, pump, source = self._req, self._pump_requests, self.client
+        else:
+            parser, pump, source = (self._resp, self._pump_responses,
+                                    self.backend)
         if data:
             parser.feed(data)
         else:
             parser.feed_eof()
-        if not self._pump_requests():
+        if not pump():
             return False
         if not data:
             if not self.passthrough:
                 # what the parser still holds (an unfinished message)
-                self._out(True, None, parser.rest())
+                self._out(to_backend, None, parser.rest())
             self._flush()
-            return self._end_of_stream(self.client, self._dest(True))
+            return self._end_of_stream(source, self._dest(to_backend))
         return True
 
     def _pump_requests(self):
@@ -543,19 +552,7 @@ class FramedProtocol(BaseProtocol):
     # backend to client
 
     def _from_backend(self, data):
-        parser = self._resp
-        if data:
-            parser.feed(data)
-        else:
-            parser.feed_eof()
-        if not self._pump_responses():
-            return False
-        if not data:
-            if not self.passthrough:
-                self._out(False, None, parser.rest())
-            self._flush()
-            return self._end_of_stream(self.backend, self._dest(False))
-        return True
+        return self._from(False, data)
 
     def _pump_responses(self):
         parser = self._resp
