@@ -997,6 +997,16 @@ def main(argv=None):
 
     notes = []
     head = []
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if "hold" in wanted and limit != resource.RLIM_INFINITY and \
+            limit < 2 * ctx.connections + 100:
+        line = ("RLIMIT_NOFILE is %d and cannot be raised here: a proxy "
+                "holding %d connections needs more than %d descriptors, "
+                "expect 'too many open files' (raise the hard limit: "
+                "ulimit -Hn, limits.conf, LimitNOFILE=)"
+                % (limit, ctx.connections, 2 * ctx.connections))
+        print(line)
+        notes.append(line)
     try:
         missing = {}
         for t in PACKAGES:
@@ -1012,10 +1022,10 @@ def main(argv=None):
             notes.append(line)
         ctx.workloads = [w for w in WORKLOADS if w.name in wanted and
                          not any(t in missing for t in w.tools)]
+        before = len(notes)
         ctx.variants = build_variants(args, notes)
-        for n in notes:
-            if not n.startswith("missing"):
-                print(n)
+        for n in notes[before:]:
+            print(n)
         head = header_lines(ctx)
         print("\n".join(head))
         print("variants: %s" % ", ".join(v.name for v in ctx.variants))
