@@ -488,7 +488,7 @@ class BaseProtocol(_Configurable):
                 data = sock.recv(buffer or self._bufsize)
                 break
             except (BlockingIOError, InterruptedError):
-                _wait_readable(sock)
+                wait_readable(sock)
         conn = self.connection
         if conn is not None:
             if sock is conn.client:
@@ -516,13 +516,15 @@ class BaseProtocol(_Configurable):
         return None
 
 
-def _wait_readable(sock):
+def wait_readable(sock, timeout=None):
+    """Wait until *sock* has data (or its end, or an error), at most
+    *timeout* seconds (None: no limit); True if it has."""
     if _HAS_POLL:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        poller.poll()
-    else:
-        select.select([sock], [], [])
+        return bool(poller.poll(None if timeout is None else
+                                int(math.ceil(timeout * 1000))))
+    return bool(select.select([sock], [], [], timeout)[0])
 
 
 class TCP(BaseProtocol):
@@ -1959,7 +1961,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                     self._stop_request.wait(poll_interval)
                     continue
                 try:
-                    ready = _readable(listener, poll_interval)
+                    ready = wait_readable(listener, poll_interval)
                 except (OSError, ValueError):
                     ready = False       # closed under us by go_down
                 if ready and listener is self.socket:
@@ -1976,10 +1978,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def go_down(self):
         """Refuse new connections (the listener closes) and close the open
         ones, until ``go_up``."""
-        with self._listen_lock:
-            listener, self.socket = self.socket, None
-            if listener is not None:
-                _stop_listening(listener)
+        self.server_close()
         for conn in list(self.connections.values()):
             conn.abort()
         logger.info('down: refusing connections on %s',
@@ -2037,26 +2036,20 @@ def _stop_listening(listener):
     _close(listener)
 
 
-def _readable(sock, timeout):
-    if _HAS_POLL:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(int(math.ceil(timeout * 1000))))
-    return bool(select.select([sock], [], [], timeout)[0])
-
 
 # The control API ########################################################
 
 def _options_in_force(behavior):
-    """Every option value of *behavior*, defaults included (cached: the
-    values of an instance do not change once it is in force)."""
+    """Every option value of *behavior*, defaults included.  Cached and
+    shared (the decision log keeps it in every record): read, never
+    change it."""
     cached = getattr(behavior, '_in_force', None)
     if cached is None:
         cached = dict((name, _option_spec(spec)[2])
                       for name, spec in option_table(type(behavior)).items())
         cached.update(behavior.settings)
         behavior._in_force = cached
-    return dict(cached)
+    return cached
 
 
 class Controller(object):

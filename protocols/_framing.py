@@ -25,13 +25,11 @@ never held whole in memory, only lines and small headers are.
 """
 
 import collections
-import select
 import socket
 
 import vaurien
 from vaurien import BaseProtocol, HANDLED
 
-_HAS_POLL = hasattr(select, 'poll')
 
 # Instructions a parsing generator yields (tuples whose first item is one
 # of these); what the generator gets back is noted after each.
@@ -539,15 +537,8 @@ class FramedProtocol(BaseProtocol):
         return self.connection.wait_sent(False)
 
     def _wait(self, sock):
-        timeout = getattr(self.proxy, 'idle_timeout', None)
-        if _HAS_POLL:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI |
-                            select.POLLHUP | select.POLLERR)
-            ready = poller.poll(timeout * 1000 if timeout else None)
-        else:
-            ready = select.select([sock], [], [], timeout)[0]
-        return bool(ready)
+        return vaurien.wait_readable(
+            sock, getattr(self.proxy, 'idle_timeout', None))
 
     # backend to client
 
