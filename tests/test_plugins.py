@@ -51,6 +51,17 @@ class ExamplesTest(unittest.TestCase):
         self.assertTrue({'onetcp.py', 'mybehaviors.py', 'test_myapp.py',
                          'test_with_pytest.py'} <= set(self.files))
 
+    def test_readme_says_each_thing_once(self):
+        # A section or an example file twice means an edit went wrong, and
+        # the examples tested here might not be the ones a reader sees.
+        with open(os.path.join(support.ROOT, 'README.txt')) as stream:
+            text = stream.read()
+        headings = re.findall(r'^(\S.*)\n-{3,}$', text, re.M)
+        names = re.findall(r'^    # file: (\S+)$', text, re.M)
+        self.assertIn('Performance', headings)
+        self.assertEqual(len(headings), len(set(headings)), headings)
+        self.assertEqual(len(names), len(set(names)), names)
+
     def test_readme_unittest_example(self):
         code, out, err = support.run_command(
             ['-m', 'unittest', 'test_myapp'], cwd=self.folder, env=self.env)
