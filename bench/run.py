@@ -675,6 +675,11 @@ def build_variants(args, notes):
         return argv
 
     variants.append(Variant("vaurien", make([])))
+    for label, path in args.compare:
+        # another vaurien.py (a worktree of main...), plain, side by side
+        variants.append(Variant("vaurien@" + label, lambda p, b, path=path: [
+            "python3", path, "--proxy", "%s:%d" % (HOST, p),
+            "--backend", "%s:%d" % (HOST, b), "--log-level", "warning"]))
     if template is not None and "{extra}" not in template:
         notes.append("--proxy-cmd template has no {extra}: vaurien+delay "
                      "and protocol variants skipped")
@@ -929,6 +934,14 @@ median: median over rounds (higher is better; conn/s = N / time to open N
 
 # --------------------------------------------------------------------------
 
+def compare_arg(text):
+    name, sep, path = text.partition("=")
+    if not sep or not name or not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(
+            "expected NAME=PATH to a vaurien.py, got %r" % text)
+    return name, os.path.abspath(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="vaurien benchmark harness (see bench/README.txt)",
@@ -944,6 +957,13 @@ def main(argv=None):
                         "--proxy/--backend/--log-level are appended, unless "
                         "it contains {port}/{backend_port}/{proxy}/{backend}"
                         " placeholders (then also {extra} for variants)")
+    parser.add_argument("--compare", action="append", default=[],
+                        metavar="NAME=PATH", type=compare_arg,
+                        help="also run the vaurien.py at PATH, as variant "
+                        "vaurien@NAME (repeatable)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to run (default: "
+                        "all), e.g. direct,socat,vaurien,vaurien@main")
     parser.add_argument("--connections", type=int, default=None,
                         help="connections for the hold workload "
                         "(default 3000, 1000 with --quick)")
@@ -1024,6 +1044,14 @@ def main(argv=None):
                          not any(t in missing for t in w.tools)]
         before = len(notes)
         ctx.variants = build_variants(args, notes)
+        if args.variants:
+            keep = set(x.strip() for x in args.variants.split(","))
+            bad = keep - set(v.name for v in ctx.variants)
+            if bad:
+                parser.error("unknown variant(s) %s; choose from %s" % (
+                    ", ".join(sorted(bad)),
+                    ", ".join(v.name for v in ctx.variants)))
+            ctx.variants = [v for v in ctx.variants if v.name in keep]
         for n in notes[before:]:
             print(n)
         head = header_lines(ctx)
