@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 import unittest
 
@@ -188,6 +189,61 @@ class FastPathTest(unittest.TestCase):
             with proxy.connect() as sock:
                 self.assertEqual(support.exchange(sock, b'ab'), b'ab')
                 self.assertEqual(support.recv_exactly(sock, 2), b'ab')
+
+
+class SpareThreadTest(unittest.TestCase):
+    """A connection's thread, once its connection ends, waits for the next
+    one (starting a thread per connection costs more than the rest)."""
+
+    def threads(self, proxy):
+        name = 'vaurien %s' % vaurien.format_address(proxy.address)
+        return [t for t in threading.enumerate() if t.name == name]
+
+    def wait_idle(self, proxy, spares):
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            if not proxy.server.connections and \
+                    len(proxy.server._spares) == spares:
+                return
+            time.sleep(0.01)
+        self.fail('connections did not end: %r' % proxy.server.connections)
+
+    def test_one_thread_serves_connection_after_connection(self):
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address) as proxy:
+            for i in range(5):
+                with proxy.connect() as sock:
+                    payload = os.urandom(1000 + i)
+                    self.assertEqual(support.exchange(sock, payload), payload)
+                self.wait_idle(proxy, 1)
+            self.assertEqual(len(self.threads(proxy)), 1)
+
+    def test_spares_are_bounded_and_end_when_idle_or_closed(self):
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address) as proxy:
+            proxy.server.spare_threads = 2
+            proxy.server.spare_thread_idle = 0.5
+            socks = [proxy.connect() for _ in range(4)]
+            for sock in socks:
+                self.assertEqual(support.exchange(sock, b'x'), b'x')
+            self.assertEqual(len(self.threads(proxy)), 4)
+            for sock in socks:
+                sock.close()
+            self.wait_idle(proxy, 2)
+            time.sleep(0.2)
+            self.assertEqual(len(self.threads(proxy)), 2)
+            deadline = time.time() + 5
+            while self.threads(proxy) and time.time() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(self.threads(proxy), [])   # idle too long
+            proxy.server.spare_thread_idle = 60
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'y'), b'y')
+            self.wait_idle(proxy, 1)
+        deadline = time.time() + 5
+        while self.threads(proxy) and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(self.threads(proxy), [])       # proxy closed
 
 
 class BackendTroubleTest(unittest.TestCase):
