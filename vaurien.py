@@ -2745,6 +2745,7 @@ DEFAULTS = collections.OrderedDict([
     ('idle_timeout', 0.0),
     ('stay_connected', False),
     ('backlog', 2048),
+    ('cpu', 'auto'),
     ('seed', None),
     ('plugins', ''),
     ('log_level', 'info'),
@@ -2830,6 +2831,9 @@ def build_parser():
     b('--stay-connected', 'accepted for Vaurien 1.x: connections are never '
       'cut for being quiet unless --idle-timeout says so')
     a('--backlog', 'listen queue length (default 2048)', 'N')
+    a('--cpu', 'auto (default): run every thread on one CPU, the one '
+      'vaurien starts on; a CPU number: run on that one; all: let the '
+      'system spread the threads', 'CPU')
     a('--seed', 'seed for every random choice: the same seed and traffic '
       'make the same choices', 'SEED')
     a('--log-level', 'debug, info, warning, error or critical (default info)',
@@ -3125,6 +3129,63 @@ def raise_descriptor_limit(wanted=1 << 16):
             continue
 
 
+def _current_cpu():
+    """The CPU this thread last ran on (Linux), or None."""
+    try:
+        with open('/proc/thread-self/stat') as stream:
+            fields = stream.read().rpartition(')')[2].split()
+        return int(fields[36])      # field 39, "processor"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pin_to_cpu(choice='auto'):
+    """Keep the calling thread, and the threads it starts from now on, on
+    one CPU; returns that CPU's number, or None when left to the system.
+
+    Only one thread runs Python at a time (the GIL), so a proxy gains
+    nothing from a second CPU, and loses much: every hand-off of the GIL
+    to a thread waiting on another CPU is a cross-CPU wake-up (an
+    interrupt, a virtual machine exit) and cold caches.  Measured with
+    bench/: one CPU roughly doubles the rate with 50 busy connections
+    (README.txt, Performance)."""
+    choice = str(choice).strip().lower()
+    if choice == 'all':
+        return None
+    if choice == 'auto':
+        cpu = None
+    else:
+        try:
+            cpu = int(choice)
+        except ValueError:
+            cpu = -1
+        if cpu < 0:
+            raise VaurienError('cpu must be auto, all or a CPU number, not '
+                               '%r' % choice)
+    if not hasattr(os, 'sched_setaffinity'):
+        if cpu is not None:
+            raise VaurienError('cpu %d: this Python cannot pin threads to a '
+                               'CPU (no os.sched_setaffinity; use --cpu auto '
+                               'or all)' % cpu)
+        return None
+    gil = getattr(sys, '_is_gil_enabled', None)
+    if cpu is None and gil is not None and not gil():
+        return None                 # free-threaded: threads run in parallel
+    allowed = os.sched_getaffinity(0)
+    if cpu is None:
+        if len(allowed) < 2:
+            return None
+        cpu = _current_cpu()
+        if cpu not in allowed:
+            cpu = min(allowed)
+    elif cpu not in allowed:
+        raise VaurienError('cpu %d is not available here (this process may '
+                           'use %s; or use --cpu auto or all)' % (
+                               cpu, ', '.join(map(str, sorted(allowed)))))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
 def main(argv=None):
     """The ``vaurien`` command.  Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -3145,6 +3206,8 @@ def main(argv=None):
         # default 5 ms floods the scheduler.  Only when vaurien is the
         # program: a test process that imports it keeps its own setting.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        # before any thread starts: they inherit the CPU
+        cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
         if settings['ready_file']:
@@ -3153,6 +3216,9 @@ def main(argv=None):
                     __version__, format_address(server.address),
                     format_address(server.backend), server.protocol_name,
                     server.mix)
+        if cpu is not None:
+            logger.info('running on CPU %d (--cpu all lets threads use every '
+                        'CPU)', cpu)
         if control is not None:
             logger.info('control API on http://%s%s',
                         format_address(control.address),

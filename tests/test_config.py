@@ -153,6 +153,11 @@ class BadInputTest(unittest.TestCase):
                                 "'timeout' must be a number")
         self.assertOneLineError(['--unknown-flag'], 'unrecognized arguments')
         self.assertOneLineError(['--backlog', '0'], 'backlog must be 1 or more')
+        self.assertOneLineError(['--cpu', 'fast'],
+                                "cpu must be auto, all or a CPU number")
+        self.assertOneLineError(['--cpu', '4096'], 'cpu 4096 is not '
+                                if hasattr(os, 'sched_setaffinity') else
+                                'cannot pin')
         self.assertOneLineError(['--behavior', '10:delay+'],
                                 "unknown behavior ''")
         self.assertOneLineError(['--behavior', 'slicer',

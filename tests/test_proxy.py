@@ -300,6 +300,37 @@ class ProcessTest(unittest.TestCase):
                         self.assertLess(time.time() - start, 1.0)
                         self.assertTrue(support.closed_by_peer(sock))
 
+    @unittest.skipUnless(hasattr(os, 'sched_getaffinity') and
+                         os.path.isdir('/proc/self/task') and
+                         len(os.sched_getaffinity(0)) > 1,
+                         'needs Linux and two CPUs or more')
+    def test_threads_run_on_one_cpu(self):
+        mine = os.sched_getaffinity(0)
+
+        def cpus_of_threads(args):
+            args = args + ['--backend', '127.0.0.1:%d' % echo.port,
+                           '--http', '--http-port', '0']
+            with support.vaurien_process(args) as (proc, address):
+                with support.connect(address) as sock:
+                    self.assertEqual(support.exchange(sock, b'a'), b'a')
+                    found = []
+                    task = '/proc/%d/task' % proc.pid
+                    for tid in os.listdir(task):
+                        found.append(os.sched_getaffinity(int(tid)))
+            self.assertGreaterEqual(len(found), 3)  # main, control, conn
+            return found
+
+        with support.EchoServer() as echo:
+            found = cpus_of_threads([])
+            self.assertEqual(len(found[0]), 1)
+            self.assertTrue(found[0] <= mine)
+            self.assertEqual(found, [found[0]] * len(found))
+            last = max(mine)
+            self.assertEqual(cpus_of_threads(['--cpu', str(last)]),
+                             [{last}] * len(found))
+            found = cpus_of_threads(['--cpu', 'all'])
+            self.assertEqual(found, [mine] * len(found))
+
     def test_lone_copy_in_an_empty_folder(self):
         with support.temp_dir() as folder, support.EchoServer() as echo:
             lone = os.path.join(folder, 'vaurien.py')
