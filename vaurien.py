@@ -171,14 +171,22 @@ COMMON_OPTIONS = {
 }
 
 
+_option_tables = {}
+
+
 def option_table(cls):
     """Every option of plugin *cls*: its own and, for behaviors, the
-    common ones."""
+    common ones.  Shared: read it, never change it."""
+    known = _option_tables.get(cls)
+    if known is not None and known[0] is cls.options:
+        return known[1]
+    table = cls.options
     if issubclass(cls, Dummy):
         table = dict(COMMON_OPTIONS)
         table.update(cls.options)
-        return table
-    return cls.options
+    # behaviors read their options on every exchange: build this once
+    _option_tables[cls] = (cls.options, table)
+    return table
 
 
 def _check_common(cls, values):
@@ -383,11 +391,12 @@ class _Configurable(object):
 
     def option(self, name):
         """The value of option *name*, or its default."""
-        try:
-            value = self.settings[name]
-        except KeyError:
-            return option_table(type(self))[name][2]
-        type_ = option_table(type(self))[name][1]
+        table = option_table(type(self))
+        # called on every exchange: a default, not a caught KeyError
+        value = self.settings.get(name, table)
+        if value is table:
+            return table[name][2]
+        type_ = table[name][1]
         if isinstance(value, type_) or value is None:
             return value
         return convert_value(value, type_)
@@ -657,7 +666,7 @@ class Dummy(_Configurable):
 
     def update_settings(self, settings):
         self.settings.update(settings)
-        self._in_force = None
+        self._in_force = self._decision = None
         self.ready()
 
     def ready(self):
@@ -1917,20 +1926,16 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def decide(self, conn, number, behavior):
         """Log a non-dummy decision, and keep it for GET /decisions."""
-        parts = getattr(behavior, 'parts', [behavior])
-        directions = set(part.settings.get('direction', 'both')
-                         for part in parts)
+        direction, options = _decision_fields(behavior)
         record = {
             'id': next(self._decision_ids),
-            'time': round(time.time(), 6),
+            'time': time.time(),      # rounded when read: round() is slow
             'connection': conn.id,
             'client': conn.client_text,
             'exchange': number,
-            'direction': directions.pop() if len(directions) == 1
-            else 'mixed',
+            'direction': direction,
             'behavior': behavior.name,
-            'options': dict((part.name, _options_in_force(part))
-                            for part in parts)}
+            'options': options}
         self.decisions.append(record)
         if logger.isEnabledFor(logging.INFO):
             logger.info('decision %d: connection %d (%s) exchange %d: %s, '
@@ -2113,6 +2118,22 @@ def _options_in_force(behavior):
     return cached
 
 
+def _decision_fields(behavior):
+    """The direction and option values of *behavior* (each part of a
+    composite), as the decision log shows them; cached like
+    ``_options_in_force``."""
+    cached = getattr(behavior, '_decision', None)
+    if cached is None:
+        parts = getattr(behavior, 'parts', [behavior])
+        directions = set(part.settings.get('direction', 'both')
+                         for part in parts)
+        cached = (directions.pop() if len(directions) == 1 else 'mixed',
+                  dict((part.name, _options_in_force(part))
+                       for part in parts))
+        behavior._decision = cached
+    return cached
+
+
 class Controller(object):
     """What the control API can do to one proxy, as a table of routes:
     ``call(method, path, body)`` -> ``(status, answer)``.  The HTTP front
@@ -2266,8 +2287,8 @@ class Controller(object):
             raise VaurienError('since must be a decision id (a whole '
                                'number)', 'since')
         since = int(since)
-        return {'decisions': [dict(record) for record in
-                              list(self.server.decisions)
+        return {'decisions': [dict(record, time=round(record['time'], 6))
+                              for record in list(self.server.decisions)
                               if record['id'] > since]}
 
     def health(self):
