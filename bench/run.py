@@ -53,9 +53,9 @@ PACKAGES = {
 # Durations/sizes: (full, quick)
 SETTINGS = {
     "full": dict(iperf_s=4, wrk_s=4, redis_c1_n=20000, redis_c50_n=30000,
-                 redis_p16_n=100000, hold_n=3000),
+                 redis_p16_n=100000, hold_n=3000, lat_n=20000),
     "quick": dict(iperf_s=1, wrk_s=1, redis_c1_n=4000, redis_c50_n=6000,
-                  redis_p16_n=20000, hold_n=1000),
+                  redis_p16_n=20000, hold_n=1000, lat_n=4000),
 }
 
 
@@ -466,6 +466,40 @@ def w_redis(ctx, port, proxy, clients, pipeline, n_key):
                      % (rc, (out + err).strip()[-300:]))
 
 
+def w_latency(ctx, port, proxy):
+    """GET after GET on one connection, each timed to the microsecond
+    (redis-benchmark's histogram counts in steps of 8 us and more): the
+    client is this harness, the same for every variant."""
+    n, warm = ctx.cfg["lat_n"], 1000
+    key = b"key:__rand_int__"
+    req = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key)
+    answer = b"$3\r\nxxx\r\n"
+    times = []
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        clock = time.perf_counter
+        start = clock()
+        for _ in range(n + warm):
+            t = clock()
+            s.sendall(req)
+            got = s.recv(64)
+            while len(got) < len(answer):
+                more = s.recv(64)
+                if not more:
+                    raise BenchError("connection closed after %r" % got)
+                got += more
+            times.append(clock() - t)
+            if got != answer:
+                raise BenchError("unexpected answer %r" % got[:40])
+        elapsed = clock() - start
+    times = sorted(times[warm:])
+
+    def pct(p):
+        return times[min(len(times) - 1, int(p * len(times)))] * 1e6
+    return {"value": (n + warm) / elapsed, "p50_us": pct(0.50),
+            "p99_us": pct(0.99), "p999_us": pct(0.999)}
+
+
 _WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -585,6 +619,8 @@ WORKLOADS = [
     Workload("redis-c1", "redis GET -c1", "req/s",
              ["redis-server", "redis-benchmark"], "redis", "redis", w_redis,
              clients=1, pipeline=1, n_key="redis_c1_n"),
+    Workload("redis-lat", "redis GET 1 by 1", "req/s", ["redis-server"],
+             "redis", "redis", w_latency),
     Workload("redis-c50", "redis GET -c50", "req/s",
              ["redis-server", "redis-benchmark"], "redis", "redis", w_redis,
              clients=50, pipeline=1, n_key="redis_c50_n"),
@@ -851,6 +887,16 @@ def notes_for(wl, vname, runs, direct_runs):
             else:
                 parts.append("p50 %+.3f p99 %+.3f ms" % (p50 - d50,
                                                           p99 - d99))
+    elif wl.name == "redis-lat":
+        keys = ("p50_us", "p99_us", "p999_us")
+        mine = [median_of(runs, k) for k in keys]
+        base = [median_of(direct_runs, k) for k in keys]
+        if None not in mine:
+            if vname == "direct" or None in base:
+                parts.append("p50 %.1f p99 %.1f p99.9 %.1f us" % tuple(mine))
+            else:
+                parts.append("p50 %+.1f p99 %+.1f p99.9 %+.1f us" % tuple(
+                    m - b for m, b in zip(mine, base)))
     elif wl.name.startswith("wrk"):
         p99 = median_of(runs, "p99_ms")
         if p99 is not None:
@@ -928,7 +974,8 @@ median: median over rounds (higher is better; conn/s = N / time to open N
   start of the workload until the proxy is quiet again (at most 5 s after
   the load ends; "busy>5s after k/n": not quiet by then), median.  +-%:
   half the min-max range, % of median.  n: rounds that succeeded.
-  redis -c1 notes: p50/p99 latency (direct), latency added (proxies).
+  redis -c1 notes: p50/p99 latency (direct), latency added (proxies);
+  redis 1 by 1: the same, timed in microseconds by the harness itself.
   PSS KiB/conn: proxy PSS growth while N connections are held, / N."""
 
 
