@@ -3203,7 +3203,15 @@ def pin_to_cpu(choice='auto'):
         raise VaurienError('cpu %d is not available here (this process may '
                            'use %s; or use --cpu auto or all)' % (
                                cpu, ', '.join(map(str, sorted(allowed)))))
-    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:          # a cpuset changed under us...
+        if choice != 'auto':
+            raise VaurienError('cannot run on cpu %d: %s (use --cpu auto or '
+                               'all)' % (cpu, _os_error_text(exc)))
+        logger.warning('cannot keep threads on CPU %d (%s): using every CPU',
+                       cpu, _os_error_text(exc))
+        return None
     return cpu
 
 

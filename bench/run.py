@@ -334,6 +334,17 @@ class IperfBackend(Backend):
         return ["iperf3", "-s", "-B", HOST, "-p", str(self.port)]
 
 
+# redis-benchmark -t get without -r reads this literal key; the backend
+# stores a 3-byte value there (redis-benchmark's default -d) so GET hits
+REDIS_KEY = b"key:__rand_int__"
+REDIS_VALUE = b"xxx"
+
+
+def resp_command(*words):
+    return b"*%d\r\n" % len(words) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+
+
 class RedisBackend(Backend):
     name = "redis"
 
@@ -344,10 +355,7 @@ class RedisBackend(Backend):
                 "--maxclients", "10000"]
 
     def after_start(self):
-        # redis-benchmark -t get without -r reads the literal key below;
-        # give it a 3-byte value (redis-benchmark's default -d) so GET hits.
-        key = b"key:__rand_int__"
-        cmd = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$3\r\nxxx\r\n" % (len(key), key)
+        cmd = resp_command(b"SET", REDIS_KEY, REDIS_VALUE)
         with socket.create_connection((HOST, self.port), timeout=5) as s:
             s.sendall(cmd)
             reply = s.recv(100)
@@ -471,9 +479,8 @@ def w_latency(ctx, port, proxy):
     (redis-benchmark's histogram counts in steps of 8 us and more): the
     client is this harness, the same for every variant."""
     n, warm = ctx.cfg["lat_n"], 1000
-    key = b"key:__rand_int__"
-    req = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key)
-    answer = b"$3\r\nxxx\r\n"
+    req = resp_command(b"GET", REDIS_KEY)
+    answer = b"$%d\r\n%s\r\n" % (len(REDIS_VALUE), REDIS_VALUE)
     times = []
     with socket.create_connection((HOST, port), timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

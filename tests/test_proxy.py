@@ -199,6 +199,12 @@ class SpareThreadTest(unittest.TestCase):
         name = 'vaurien %s' % vaurien.format_address(proxy.address)
         return [t for t in threading.enumerate() if t.name == name]
 
+    def wait_threads(self, proxy, count):
+        deadline = time.time() + 5
+        while len(self.threads(proxy)) != count and time.time() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(self.threads(proxy)), count)
+
     def wait_idle(self, proxy, spares):
         deadline = time.time() + 5
         while time.time() < deadline:
@@ -230,20 +236,13 @@ class SpareThreadTest(unittest.TestCase):
             for sock in socks:
                 sock.close()
             self.wait_idle(proxy, 2)
-            time.sleep(0.2)
-            self.assertEqual(len(self.threads(proxy)), 2)
-            deadline = time.time() + 5
-            while self.threads(proxy) and time.time() < deadline:
-                time.sleep(0.05)
-            self.assertEqual(self.threads(proxy), [])   # idle too long
+            self.wait_threads(proxy, 2)
+            self.wait_threads(proxy, 0)                 # idle too long
             proxy.server.spare_thread_idle = 60
             with proxy.connect() as sock:
                 self.assertEqual(support.exchange(sock, b'y'), b'y')
             self.wait_idle(proxy, 1)
-        deadline = time.time() + 5
-        while self.threads(proxy) and time.time() < deadline:
-            time.sleep(0.05)
-        self.assertEqual(self.threads(proxy), [])       # proxy closed
+        self.wait_threads(proxy, 0)                     # proxy closed
 
 
 class BackendTroubleTest(unittest.TestCase):
