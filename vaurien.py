@@ -1757,9 +1757,8 @@ class ProxyHandler(socketserver.BaseRequestHandler):
                          type(exc).__name__, exc)
             logger.debug('%s', traceback.format_exc())
         finally:
-            server.connections.pop(conn.id, None)
-            conn.close()
             server.count_closed(conn)
+            conn.close()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug('%s', conn.summary())
 
@@ -1916,7 +1915,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         return self.protocol_class(self.protocol_settings, self)
 
     def count_closed(self, conn):
+        """Move *conn* from the open connections to the totals, at once:
+        readers holding the lock see it in one place or the other."""
         with self._stats_lock:
+            self.connections.pop(conn.id, None)
             self.totals['connections'] += 1
             self.totals['bytes_up'] += conn.bytes_up
             self.totals['bytes_down'] += conn.bytes_down
@@ -1948,7 +1950,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         """Exchanges since start, by the behavior they met."""
         with self._stats_lock:
             counts = collections.Counter(self._closed_exchanges)
-        for conn in list(self.connections.values()):
+            open_now = list(self.connections.values())
+        for conn in open_now:
             counts.update(conn.met())
         return counts
 
@@ -2263,7 +2266,7 @@ class Controller(object):
         exchanges = dict(server.exchange_counts)
         with server._stats_lock:
             totals = dict(server.totals)
-        open_now = list(server.connections.values())
+            open_now = list(server.connections.values())
         return {
             'uptime': round(time.time() - server.started, 3),
             'connections': totals.get('connections', 0) + len(open_now),
