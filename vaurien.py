@@ -14,8 +14,9 @@ The life of one client connection::
                         Connection.run()
                              |  connect to the backend (--timeout)
                              v
-              +-------> poll() over the client and backend sockets
-              |              |  one of them is readable
+              +-------> poll() over the client and backend Sides
+              |              |  one of them is readable (or drained:
+              |              |  what waited for it goes out)
               |              v
               |         protocol(source, dest, to_backend)
               |              |  data from the client starts a new
@@ -30,6 +31,12 @@ The life of one client connection::
                              |  both directions ended, or a hook said stop
                              v
                         close both sockets, log one line
+
+Writes never block the loop: what a socket cannot take at once waits in
+its Side, in order, while the other direction goes on; past a few MiB
+waiting, the source that feeds it is not read until it drains.  When one
+side fails or resets, what it sent first still reaches the other side,
+then the reset does, as TCP itself would.
 
 A *protocol* moves bytes and knows where a request ends; a *behavior* is
 the misbehavior drawn for each exchange.  Both are plugins: classes with a
@@ -90,6 +97,17 @@ _HAS_POLL = hasattr(select, 'poll')
 # last request from the bare end of the stream.
 _POLLRDHUP = getattr(select, 'POLLRDHUP',
                      0x2000 if sys.platform.startswith('linux') else 0)
+# Writes never block a connection's thread: a send that would wait
+# returns at once (MSG_DONTWAIT; without it, sockets are made non-blocking).
+_DONTWAIT = getattr(socket, 'MSG_DONTWAIT', 0)
+# Linux tells how much a socket still holds for its peer, unacknowledged:
+# a reset waits for it to be delivered, as the reset would throw it away.
+try:
+    import fcntl
+    import termios
+    _TIOCOUTQ = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    _TIOCOUTQ = None
 
 
 # Errors ##################################################################
@@ -410,7 +428,9 @@ class BaseProtocol(_Configurable):
     One instance serves one client connection (``self.connection``), so a
     protocol may keep parser state in ``self``.  Subclasses implement
     ``_handle``; the engine calls the instance (``__call__``) each time the
-    client or the backend socket is readable.
+    client or the backend socket is readable.  The sockets it is given are
+    the connection's Sides: their ``sendall`` never blocks (what the
+    kernel cannot take waits, in order), everything else is the socket's.
     """
 
     options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
@@ -451,8 +471,6 @@ class BaseProtocol(_Configurable):
             exchange = conn.exchange
         behavior = exchange.behavior
         if behavior.passive or not behavior.acts(to_backend):
-            if conn.queues:
-                dest = conn.outlet(dest, to_backend)
             return self._handle(source, dest, to_backend)
         dest = conn.outlet(dest, to_backend, behavior)
         if not behavior.hooks:
@@ -487,23 +505,35 @@ class BaseProtocol(_Configurable):
     def _get_data(self, sock, buffer=None):
         """Read up to *buffer* bytes from *sock*; ``b''`` at end of stream.
 
-        Waits while the socket has nothing yet (EWOULDBLOCK/EAGAIN on a
-        non-blocking socket).
+        Waits while the socket has nothing yet, sending meanwhile what
+        waits to go either way; and, read after read, while the side that
+        the data goes to is full (backpressure for a protocol or hook that
+        reads in a loop).
         """
-        if type(sock) is Outlet:
-            sock = sock.sock
+        side = getattr(sock, 'side', None)
+        conn = self.connection
+        if side is None or conn is None or conn.backend is None:
+            return _read_plain(sock, buffer or self._bufsize)
+        if conn.granted is side:
+            conn.granted = None     # the read the poller found ready
+        else:
+            if side.peer.full:
+                conn.make_room(side.peer)
+            if conn.client.blocked or conn.backend.blocked:
+                conn.wait_readable(side)
+        size = buffer or self._bufsize
+        if side.peer.density:
+            size = side.peer.room(size)
         while True:
             try:
-                data = sock.recv(buffer or self._bufsize)
+                data = side.recv(size)
                 break
             except (BlockingIOError, InterruptedError):
-                wait_readable(sock)
-        conn = self.connection
-        if conn is not None:
-            if sock is conn.client:
-                conn.bytes_up += len(data)
-            else:
-                conn.bytes_down += len(data)
+                conn.wait_readable(side)
+        if side is conn.client:
+            conn.bytes_up += len(data)
+        else:
+            conn.bytes_down += len(data)
         return data
 
     def _end_of_stream(self, source, dest):
@@ -523,6 +553,16 @@ class BaseProtocol(_Configurable):
         bytes are sent instead.
         """
         return None
+
+
+def _read_plain(sock, size):
+    """A plain socket's recv, waiting while a non-blocking one has
+    nothing."""
+    while True:
+        try:
+            return sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            wait_readable(sock)
 
 
 def wait_readable(sock, timeout=None):
@@ -562,12 +602,11 @@ class TCP(BaseProtocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def __call__(self, source, dest, to_backend):
-        # The fast path: while the mix is dummy alone and nothing waits in
-        # an outbox, bytes go straight through, with no exchange object
-        # and no hooks.  Any other mix takes the full path from the next
-        # read on.
+        # The fast path: while the mix is dummy alone, bytes go straight
+        # through, with no exchange object and no hooks.  Any other mix
+        # takes the full path from the next read on.
         conn = self.connection
-        if self._plain and conn.queues is None:
+        if self._plain:
             if to_backend:
                 single = conn.server.mix.single
                 plain = (single is not None and single[1].passive and
@@ -575,6 +614,7 @@ class TCP(BaseProtocol):
             else:
                 plain = conn.exchange.behavior.passive
             if plain:
+                conn.granted = None
                 data = source.recv(self._bufsize)
                 if not data:
                     return self._end_of_stream(source, dest)
@@ -922,8 +962,8 @@ class Error(_Counted):
         answer = protocol._error_answer(self)
         if answer is None:
             answer = _noise(protocol.connection.rng, 1000)
-        # through the outlet: never ahead of answers still held back
-        protocol.connection.outlet(source, False).sendall(answer)
+        # after whatever still waits to go to the client
+        source.sendall(answer)
         return HANDLED
 
 
@@ -1175,15 +1215,14 @@ class Flow(object):
 
 
 class Outlet(object):
-    """Stands in for the destination socket while stream behaviors act (or
-    while pieces they delayed still wait): what the protocol sends goes
-    through their ``on_chunk`` into the connection's outbox, and out when
-    due.  Anything else is the real socket's."""
+    """Stands in for a Side while stream behaviors act on what goes to it:
+    what the protocol sends goes through their ``on_chunk`` into the
+    side's queue, each piece out when due.  Anything else is the side's."""
 
-    __slots__ = ('sock', 'connection', 'to_backend', 'behavior')
+    __slots__ = ('side', 'connection', 'to_backend', 'behavior')
 
-    def __init__(self, sock, connection, to_backend, behavior):
-        self.sock = sock
+    def __init__(self, side, connection, to_backend, behavior):
+        self.side = side
         self.connection = connection
         self.to_backend = to_backend
         self.behavior = behavior
@@ -1197,24 +1236,210 @@ class Outlet(object):
 
     def shutdown(self, how):
         if how != socket.SHUT_WR:
-            self.sock.shutdown(socket.SHUT_RD)
+            self.side.shutdown(socket.SHUT_RD)
         if how != socket.SHUT_RD:
             self.connection.push_end(self.to_backend, self.behavior)
 
     def __getattr__(self, name):
+        return getattr(self.side, name)
+
+
+class _Mark(object):
+    """The end of a stream in a Side's queue: passed on (a FIN, or with
+    *reset* a RST) after the bytes queued before it."""
+
+    __slots__ = ('reset',)
+
+    def __init__(self, reset):
+        self.reset = reset
+
+
+_END, _RESET = _Mark(False), _Mark(True)
+
+
+class Side(object):
+    """One socket of a connection, as protocols and behaviors see it: its
+    reads are the socket's, its writes never block.
+
+    What the kernel cannot take at once waits in ``queue``, in order and
+    with the pieces that stream behaviors hold for later, and goes out as
+    the socket drains: meanwhile the loop watches the socket for POLLOUT
+    and goes on serving the other direction.  Past the connection's
+    ``high_water`` bytes waiting here, the connection stops reading what
+    feeds this side, and reads it again under ``low_water``.  Everything
+    but ``sendall``, ``send``, ``shutdown`` and ``recv`` is the socket's.
+    """
+
+    #: what one waiting piece costs beside its bytes (its tuple, the bytes
+    #: object, the deque's slot), counted against the water marks: a
+    #: million 1-byte slices weigh what they really do
+    piece_cost = 128
+
+    def __init__(self, connection, sock, name):
+        self.connection = connection
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.name = name                # 'client' or 'backend'
+        self.peer = None                # the other side
+        self.queue = collections.deque()    # (when, bytes or _Mark)
+        self.size = 0                   # bytes waiting, with their cost
+        self.last = 0.0                 # when the last piece is due
+        self.full = False               # over high water, until low water
+        self.blocked = False            # the kernel took less than was due
+        self.stuck_since = None         # last progress while blocked
+        self.reading = True             # the connection still reads it
+        self.held = set()               # full sides it feeds: not read now
+        self.ended = False              # its stream ended (or its FIN came)
+        self.lost = False               # a write failed, or it was reset
+        self.density = 0.0              # pieces per byte stream behaviors cut
+
+    @property
+    def side(self):
+        return self
+
+    # what protocols and behaviors call
+
+    def sendall(self, data):
+        """Send *data*: now as far as the kernel takes it, the rest as the
+        socket drains.  Never blocks."""
+        if self.queue or self.lost:
+            self.put(_now(), data)
+            return
+        sent = self._send(data)
+        if sent is not None and sent < len(data):
+            if type(data) is not bytes:
+                data = bytes(data)
+            self.put(_now(), memoryview(data)[sent:])
+
+    def send(self, data):
+        self.sendall(data)
+        return len(data)
+
+    def shutdown(self, how):
+        """SHUT_WR passes the end of the stream on once what waits is
+        sent (a reset when the other side was lost: see lose())."""
+        if how != socket.SHUT_WR:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        if how != socket.SHUT_RD:
+            self.put(_now(), self.end_mark())
+
+    def recv(self, size, flags=0):
+        """The socket's recv, where a reset reads as the end of the stream
+        (``b''``): the connection passes the reset on (see lose())."""
+        try:
+            data = self.sock.recv(size, flags)
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as exc:
+            self.connection.lose(self, exc)
+            data = b''
+        if not data:
+            self.ended = True
+        return data
+
+    def __getattr__(self, name):
         return getattr(self.sock, name)
 
+    # the engine's side
 
-class _Queue(object):
-    """Pieces waiting for their time, one direction of one connection."""
+    def _send(self, data):
+        """What the kernel takes of *data* now: a count, or None when the
+        socket is gone (see Connection.lose)."""
+        try:
+            return self.sock.send(data, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self.connection.lose(self, exc)
+            return None
 
-    __slots__ = ('items', 'size', 'last', 'paused')
+    def end_mark(self):
+        return _RESET if self.peer.lost else _END
 
-    def __init__(self):
-        self.items = collections.deque()    # (when, piece or None for end)
+    def put(self, when, piece):
+        """Queue *piece* (bytes, or an end mark) to go out at *when* (on
+        the ``_now()`` clock), never before what was queued earlier."""
+        if self.lost:
+            return
+        if type(piece) is not _Mark:
+            if not piece:
+                return
+            if type(piece) is not bytes and type(piece) is not memoryview:
+                piece = bytes(piece)
+            self.size += len(piece) + self.piece_cost
+        if when < self.last:
+            when = self.last
+        self.last = when
+        queue = self.queue
+        queue.append((when, piece))
+        if len(queue) == 1 and not self.blocked and when <= _now():
+            self.flush(when)
+        if self.size > self.connection.high_water and not self.full:
+            self.connection.hold(self)
+
+    def flush(self, now=None):
+        """Send the pieces due by *now*, as far as the kernel takes them."""
+        queue = self.queue
+        if now is None:
+            now = _now()
+        conn = self.connection
+        stuck = False
+        while queue:
+            when, piece = queue[0]
+            if when > now:
+                break
+            if type(piece) is _Mark:
+                queue.popleft()
+                conn.pass_end(self, piece)
+                continue
+            sent = self._send(piece)
+            if sent is None:
+                return
+            size = len(piece)
+            if sent < size:
+                queue[0] = (when, memoryview(piece)[sent:])
+                self.size -= sent
+                stuck = True
+                break
+            queue.popleft()
+            self.size -= size + self.piece_cost
+        if stuck:
+            if sent or self.stuck_since is None:
+                self.stuck_since = _now()
+            if not self.blocked:
+                self.blocked = True
+                conn.watch(self)
+        elif self.blocked:
+            self.blocked = False
+            self.stuck_since = None
+            conn.watch(self)
+        if self.full and self.size < conn.low_water:
+            conn.release(self)
+
+    def room(self, size):
+        """How much of a read of *size* bytes on its way here fits under
+        the high water mark, counting the pieces that stream behaviors cut
+        it into (1-byte slices cost 129 times their bytes)."""
+        left = self.connection.high_water - self.size
+        fit = int(left / (1 + self.piece_cost * self.density))
+        return max(1, min(size, fit))
+
+    def due(self):
+        """When the first waiting piece is due; None when nothing waits or
+        the socket must drain first (the loop watches it for POLLOUT)."""
+        if self.queue and not self.blocked:
+            return self.queue[0][0]
+        return None
+
+    def drop(self):
+        """Forget what waits (the socket is gone)."""
+        self.queue.clear()
         self.size = 0
-        self.last = 0.0
-        self.paused = False
+        self.blocked = False
+        self.stuck_since = None
 
 
 class Exchange(object):
@@ -1232,10 +1457,16 @@ class Exchange(object):
 class Connection(object):
     """One client, its backend connection and the loop between them."""
 
+    # what waits for one side, in bytes (pieces counted with their cost),
+    # past which the connection stops reading what feeds that side, and
+    # under which it reads it again
+    high_water = 4 << 20
+    low_water = 1 << 20
+
     def __init__(self, server, client, address):
         self.server = server
         self.id = next(server._ids)
-        self.client = client
+        self.client = Side(self, client, 'client')
         self.client_address = address
         self.client_text = format_address(address)
         self.backend = None
@@ -1251,15 +1482,18 @@ class Connection(object):
                                                        server.dummy)
         self._rng = None
         self._poller = None
-        self._reading = {}
         self.protocol = None
         #: True once all that is left from the client is its end of stream
         self.client_ended = False
-        #: {to_backend: _Queue} once a stream behavior delayed something
-        self.queues = None
+        #: set from another thread to end the connection now (see abort)
+        self.aborted = False
         self._flows = {}
         self._closing = None            # (when, reset)
         self._sticky = None             # (generation, (name, behavior))
+        # the side being handled, and whether its first read is still the
+        # one the poller found ready (see BaseProtocol._get_data)
+        self.source = None
+        self.granted = None
 
     @property
     def rng(self):
@@ -1337,13 +1571,12 @@ class Connection(object):
                     self.server.decide(self, 0, part)
                     part.on_open(self)
 
-    # stream behaviors: the outboxes
+    # stream behaviors
 
     def outlet(self, dest, to_backend, behavior=None):
-        """*dest*, or its Outlet when stream behaviors act or pieces wait:
-        see BaseProtocol.__call__."""
-        if (behavior is None or not behavior.streams) and (
-                self.queues is None or not self.queues[to_backend].items):
+        """*dest*, or an Outlet in front of it when stream behaviors act
+        on what goes this way: see BaseProtocol.__call__."""
+        if behavior is None or not behavior.streams:
             return dest
         return Outlet(dest, self, to_backend, behavior)
 
@@ -1369,9 +1602,10 @@ class Connection(object):
             for when, piece in pieces:
                 passed.extend(part.on_chunk(flow, piece, when))
             pieces = passed
+        side = self.backend if to_backend else self.client
+        side.density = len(pieces) / len(data) if data else 0.0
         for when, piece in pieces:
-            if piece:
-                self._enqueue(to_backend, when, piece)
+            side.put(when, piece)
 
     def push_end(self, to_backend, behavior):
         """Pass the end of the stream on, now or when due."""
@@ -1380,115 +1614,106 @@ class Connection(object):
             when = part.on_end(flow, when)
             if when is None:
                 return
-        self._enqueue(to_backend, when, None)
-
-    def _enqueue(self, to_backend, when, piece):
-        queues = self.queues
-        if queues is None:
-            queues = self.queues = {True: _Queue(), False: _Queue()}
-        queue = queues[to_backend]
-        when = max(when, queue.last)
-        queue.last = when
-        if not queue.items and when <= _now():
-            self._send(to_backend, piece)
-            return
-        queue.items.append((when, piece))
-        if piece is not None:
-            queue.size += len(piece)
-            if queue.size > self.high_water and not queue.paused:
-                queue.paused = True
-                self._pause(to_backend, True)
-
-    # pieces waiting this long in bytes stop the reading of their source
-    high_water = 4 << 20
-    low_water = 1 << 20
-
-    def _send(self, to_backend, piece):
-        dest = self.backend if to_backend else self.client
-        if piece is None:
-            try:
-                dest.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        else:
-            dest.sendall(piece)
-
-    def _pause(self, to_backend, pause):
-        sock = self.client if to_backend else self.backend
-        fd = sock.fileno()
-        if fd not in self._reading:
-            return
-        try:
-            if pause:
-                self._poller.unregister(fd)
-            else:
-                self._poller.register(fd)
-        except (KeyError, ValueError, OSError):
-            pass
-
-    def wait_sent(self, to_backend):
-        """Block until the pieces waiting to go this way are sent (for a
-        hook about to answer itself); False if the connection must close."""
-        queue = self.queues and self.queues[to_backend]
-        while queue and queue.items:
-            delay = queue.items[0][0] - _now()
-            if delay > 0:
-                time.sleep(delay)
-            if not self._run_due():
-                return False
-        return True
+        side = self.backend if to_backend else self.client
+        side.put(when, side.end_mark())
 
     def close_at(self, when, reset=False):
         """Close the connection at *when* (with a RST to the client)."""
         if self._closing is None or when < self._closing[0]:
             self._closing = (when, reset)
 
-    def _due(self):
-        """The next time something is due, or None."""
-        times = []
-        if self.queues is not None:
-            times = [q.items[0][0] for q in self.queues.values() if q.items]
-        if self._closing is not None:
-            times.append(self._closing[0])
-        return min(times) if times else None
+    # the water marks, and sides that are gone
 
-    def _run_due(self):
-        """Send what is due; False when the connection must close now."""
-        now = _now()
-        closing = self._closing
-        if closing is not None and closing[0] <= now:
-            # what was due before the close still goes out first
-            self._send_due(closing[0])
-            if closing[1]:
-                _reset(self.client)
-            return False
-        self._send_due(now)
-        return True
+    def hold(self, side):
+        """*side* is full: stop reading what feeds it (its peer, and the
+        side being handled, when a hook answers it itself)."""
+        side.full = True
+        for reader in (side.peer, self.source):
+            if reader is not None and side not in reader.held:
+                reader.held.add(side)
+                self.watch(reader)
 
-    def _send_due(self, now):
-        if self.queues is None:
+    def release(self, side):
+        """*side* drained: read again what it held."""
+        side.full = False
+        for reader in (self.client, self.backend):
+            if reader is not None and side in reader.held:
+                reader.held.discard(side)
+                self.watch(reader)
+
+    def lose(self, side, exc):
+        """*side* is gone: a write to it failed, or it was reset.  Nothing
+        more goes to it, and nothing more is read from the other side
+        (there is nowhere to send it); what *side* had sent is still read
+        to its end and delivered, then the other side gets a reset, as
+        TCP would give it (see Side.end_mark)."""
+        if side.lost:
             return
-        for to_backend, queue in self.queues.items():
-            items = queue.items
-            while items and items[0][0] <= now:
-                _, piece = items.popleft()
-                if piece is not None:
-                    queue.size -= len(piece)
-                self._send(to_backend, piece)
-            if queue.paused and queue.size < self.low_water:
-                queue.paused = False
-                self._pause(to_backend, False)
+        logger.debug('connection %s: the %s is gone (%s)', self.describe(),
+                     side.name, _os_error_text(exc))
+        side.lost = True
+        side.drop()
+        if side.full:
+            self.release(side)
+        self.watch(side)
+        peer = side.peer
+        if peer is None:
+            return
+        if peer.reading:
+            peer.reading = False
+            peer.held.clear()
+            self.watch(peer)
+        if not side.reading:
+            # its end came already: nothing will pass the reset on
+            peer.put(_now(), _RESET)
+
+    def pass_end(self, side, mark):
+        """An end mark reached the head of *side*'s queue: pass it on."""
+        if not mark.reset:
+            try:
+                side.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return
+        # a reset throws away what the kernel still holds: let it deliver
+        # that first (for at most the grace period)
+        _wait_delivered(side.sock, _now() + self.server.grace)
+        if self._poller is not None:
+            self._poller.set(side.fd, 0)
+        side.lost = side.ended = True
+        side.reading = False
+        side.drop()
+        _reset(side.sock)
 
     def stop_reading(self, sock):
-        """Stop watching *sock*; False when nothing is left to watch (nor
-        to send later)."""
-        fd = sock.fileno()
-        if self._reading.pop(fd, None) is not None:
-            try:
-                self._poller.unregister(fd)
-            except (KeyError, ValueError, OSError):
-                pass
-        return bool(self._reading) or self._due() is not None
+        """Stop reading *sock* (a Side); False when nothing is left to
+        read, nor to send."""
+        side = sock.side
+        side.reading = False
+        side.held.clear()
+        self.watch(side)
+        return self._alive()
+
+    def _alive(self):
+        client, backend = self.client, self.backend
+        return bool(client.reading or backend.reading or client.queue or
+                    backend.queue or self._closing is not None)
+
+    # the loop
+
+    def watch(self, side):
+        """Tell the poller what to wait for on *side*."""
+        if self._poller is None:
+            return
+        mask = 0
+        if side.reading:
+            if not side.held:
+                mask = _READ_EVENTS
+            elif not side.ended:
+                mask = _POLLRDHUP     # its end is news even while held
+        if side.blocked:
+            mask |= _POLLOUT
+        self._poller.set(side.fd, mask)
 
     def describe(self):
         return '%d %s -> %s' % (self.id, format_address(self.client_address),
@@ -1499,19 +1724,24 @@ class Connection(object):
         if server.mix.openers:
             self._open()
         try:
-            self.backend = server.connect_backend(self.backend_address)
+            backend = server.connect_backend(self.backend_address)
         except OSError as exc:
             logger.warning('connection %s: cannot reach the backend (%s); '
                            'closing the client', self.describe(),
                            _os_error_text(exc))
             server.statsd.incr('backend_errors')
             return
-        client, backend = self.client, self.backend
-        for sock in (client, backend):
+        client = self.client
+        self.backend = backend = Side(self, backend, 'backend')
+        client.peer, backend.peer = backend, client
+        for side in (client, backend):
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                side.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                     1)
             except OSError:
                 pass
+            if not _DONTWAIT:
+                side.sock.setblocking(False)
         if server.mix.per_connection:
             # a behavior drawn for the whole connection also covers what
             # the backend says before the client's first request
@@ -1522,34 +1752,28 @@ class Connection(object):
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
         protocol.setup(client, backend)
-        self._loop(protocol, client, backend)
+        self._loop(protocol)
 
-    def _loop(self, protocol, client, backend):
-        poller = self._poller = _Poller()
-        reading = self._reading
-        reading[client.fileno()] = True
-        reading[backend.fileno()] = False
-        poller.register(client.fileno())
-        poller.register(backend.fileno())
+    def _loop(self, protocol):
+        self._poller = poller = _Poller()
+        client, backend = self.client, self.backend
+        sides = {client.fd: client, backend.fd: backend}
+        self.watch(client)
+        self.watch(backend)
         idle = self.server.idle_timeout
-        while reading or self._due() is not None:
-            timeout, timer, due = idle, False, None
-            if self.queues is not None or self._closing is not None:
-                due = self._due()
-                if due is not None:
-                    wait = max(0.0, due - _now())
-                    if timeout is None or wait < timeout:
-                        timeout, timer = wait, True
-            if reading:
-                if timer and timeout < 0.002:
-                    # poll counts in milliseconds: sleep for finer waits
-                    time.sleep(timeout)
-                    events = poller.poll(0)
-                else:
-                    events = poller.poll(timeout)
-            else:       # only pieces waiting for their time
+        while self._alive() and not self.aborted:
+            timeout, timer = idle, False
+            due = self._due()
+            if due is not None:
+                wait = max(0.0, due - _now())
+                if timeout is None or wait < timeout:
+                    timeout, timer = wait, True
+            if timer and timeout < 0.002:
+                # poll counts in milliseconds: sleep for finer waits
                 time.sleep(timeout)
-                events = ()
+                events = poller.poll(0)
+            else:
+                events = poller.poll(timeout)
             if due is not None and not self._guarded(self._run_due):
                 return
             if not events:
@@ -1559,20 +1783,157 @@ class Connection(object):
                     return
                 continue
             for fd, flags in events:
-                to_backend = reading.get(fd)
-                if to_backend is None:
+                side = sides.get(fd)
+                if side is None:
                     continue
-                if to_backend:
+                if flags & _POLLOUT or (side.blocked and not side.reading):
+                    # (a socket watched for POLLOUT alone reports its
+                    # errors as POLLERR/POLLHUP: flushing finds them)
+                    self._guarded(side.flush)
+                if not flags & _NOT_POLLOUT or not side.reading:
+                    continue
+                if side.held and not flags & (_POLLHUP | _POLLERR):
+                    # not read while what it feeds is full: only its end
+                    # is news (its data comes first, once read again)
                     if flags & _POLLRDHUP:
-                        self.client_ended = _only_end_of_stream(client)
-                    source, dest = client, backend
-                else:
-                    source, dest = backend, client
-                if not self._step(protocol, source, dest, to_backend):
+                        side.ended = True
+                        self.watch(side)
+                    continue
+                to_backend = side is client
+                if to_backend and flags & _POLLRDHUP:
+                    self.client_ended = _only_end_of_stream(side)
+                if not self._step(protocol, side, side.peer, to_backend):
                     return
 
     def _step(self, protocol, source, dest, to_backend):
-        return self._guarded(protocol, source, dest, to_backend)
+        self.source = self.granted = source
+        try:
+            return self._guarded(protocol, source, dest, to_backend)
+        finally:
+            self.source = self.granted = None
+
+    def _due(self):
+        """The next time something is due, or None."""
+        times = []
+        for side in (self.client, self.backend):
+            when = side.due()
+            if when is not None:
+                times.append(when)
+        if self._closing is not None:
+            times.append(self._closing[0])
+        stuck = self._client_gone_stuck()
+        if stuck is not None:
+            times.append(stuck + self.server.grace)
+        return min(times) if times else None
+
+    def _client_gone_stuck(self):
+        """Since when the backend has taken nothing of what waits for it,
+        when the client's stream has ended; None otherwise."""
+        if self.client.ended or self.client.lost:
+            return self.backend.stuck_since
+        return None
+
+    def _run_due(self):
+        """Send what is due; False when the connection must close now."""
+        now = _now()
+        closing = self._closing
+        if closing is not None and closing[0] <= now:
+            # what was due before the close still goes out first
+            self._deliver(closing[0])
+            if closing[1]:
+                _wait_delivered(self.client.sock, _now() + self.server.grace)
+                _reset(self.client.sock)
+            return False
+        for side in (self.client, self.backend):
+            when = side.due()
+            if when is not None and when <= now:
+                side.flush(now)
+        stuck = self._client_gone_stuck()
+        if stuck is not None and now - stuck >= self.server.grace:
+            logger.info('connection %s: the client has ended and the backend '
+                        'took nothing for %gs: closing', self.describe(),
+                        self.server.grace)
+            return False
+        return True
+
+    def _deliver(self, until):
+        """Send what is due by *until*, waiting for the sockets to take it
+        for at most the grace period."""
+        def delivered():
+            for side in (self.client, self.backend):
+                side.flush(until)
+                if side.queue and side.queue[0][0] <= until:
+                    return False
+            return True
+        return self.serve(delivered, deadline=_now() + self.server.grace)
+
+    # waiting inside a step (hooks, protocols reading in a loop)
+
+    def wait_readable(self, sock, timeout=None):
+        """Wait until *sock* (a Side) has data or its end, at most
+        *timeout* seconds (None: no limit), sending what waits either way
+        meanwhile; True if it has."""
+        side = sock.side
+        return self.serve(
+            None, readable=side,
+            deadline=None if timeout is None else _now() + timeout)
+
+    def make_room(self, side):
+        """Wait, sending what waits, until *side* has room again (a
+        protocol or hook reading in a loop faster than *side* drains).
+        Raises socket.timeout when nothing moves for the idle timeout."""
+        if not self.serve(lambda: not side.full, quiet=self.server.
+                          idle_timeout):
+            raise socket.timeout('the %s takes nothing' % side.name)
+
+    def serve(self, done=None, readable=None, deadline=None, quiet=None):
+        """Send what waits for either side until ``done()`` is true or
+        *readable* (a Side) has data; False when the *deadline* passes, or
+        *quiet* seconds go by with no event, or the connection aborts."""
+        sides = (self.client, self.backend)
+        while not self.aborted:
+            if done is not None and done():
+                return True
+            now = _now()
+            timeout = quiet
+            if deadline is not None:
+                if now >= deadline:
+                    return False
+                timeout = deadline - now if timeout is None else min(
+                    timeout, deadline - now)
+            watched = {}
+            timer = False
+            for side in sides:
+                if side.blocked:
+                    watched[side.fd] = _POLLOUT
+                when = side.due()
+                if when is not None:
+                    wait = max(0.0, when - now)
+                    if timeout is None or wait <= timeout:
+                        timeout, timer = wait, True
+            if readable is not None:
+                watched[readable.fd] = watched.get(readable.fd, 0) | _IN_EVENTS
+            if not watched and timeout is None:
+                return False        # nothing can happen any more
+            events = _poll_once(watched, timeout)
+            if not events and not timer and quiet is not None and (
+                    deadline is None or _now() < deadline):
+                return False
+            ready = False
+            for fd, flags in events:
+                for side in sides:
+                    if side.fd == fd and side.blocked:
+                        side.flush()
+                if readable is not None and fd == readable.fd and (
+                        flags & _NOT_POLLOUT):
+                    ready = True
+            for side in sides:
+                when = side.due()
+                if when is not None and when <= _now():
+                    side.flush()
+            if ready:
+                return True
+        return False
 
     def _guarded(self, call, *args):
         """Run *call*; a peer gone or a plugin raising closes this
@@ -1584,12 +1945,13 @@ class Connection(object):
             logger.debug('connection %s: %s', self.describe(),
                          _os_error_text(exc))
             if isinstance(exc, ConnectionResetError):
-                # one peer reset: pass the reset on to the other
-                _reset(self.client)
-                _reset(self.backend)
+                # a plugin's own socket call met a reset: pass it on
+                for side in (self.client, self.backend):
+                    if side is not None:
+                        _reset(side.sock)
             return False
         except OSError as exc:
-            if self.server.closing:
+            if self.server.closing or self.aborted:
                 return False
             logger.info('connection %s: %s', self.describe(),
                         _os_error_text(exc))
@@ -1602,17 +1964,19 @@ class Connection(object):
             return False
 
     def close(self):
-        for sock in (self.client, self.backend):
-            if sock is not None:
-                _close(sock)
+        for side in (self.client, self.backend):
+            if side is not None:
+                side.drop()     # what waits goes now, not at the next GC
+                _close(side.sock)
 
     def abort(self):
-        """Wake the connection's thread from another thread: it sees the
-        end of both streams and finishes."""
-        for sock in (self.client, self.backend):
-            if sock is not None:
+        """End the connection now, from another thread: its thread sees
+        the end of both streams and finishes without waiting."""
+        self.aborted = True
+        for side in (self.client, self.backend):
+            if side is not None:
                 try:
-                    sock.shutdown(socket.SHUT_RDWR)
+                    side.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
@@ -1632,49 +1996,104 @@ class Connection(object):
                     self.bytes_up, self.bytes_down, self.exchanges, met))
 
 
+# poll()'s events, with the values select.poll uses (where it exists)
+_POLLIN = getattr(select, 'POLLIN', 1)
+_POLLPRI = getattr(select, 'POLLPRI', 2)
+_POLLOUT = getattr(select, 'POLLOUT', 4)
+_POLLERR = getattr(select, 'POLLERR', 8)
+_POLLHUP = getattr(select, 'POLLHUP', 16)
+_IN_EVENTS = _POLLIN | _POLLPRI
+_READ_EVENTS = _IN_EVENTS | _POLLRDHUP
+_NOT_POLLOUT = ~_POLLOUT
+
+
 class _Poller(object):
     """``select.poll`` where there is one, ``selectors`` elsewhere; both
-    have no limit on descriptor numbers."""
+    have no limit on descriptor numbers.  ``set(fd, events)`` watches a
+    descriptor for poll()'s events (0: not at all)."""
 
-    if _HAS_POLL:
-        _MASK = (select.POLLIN | select.POLLPRI | select.POLLHUP |
-                 select.POLLERR | _POLLRDHUP)
-
-        def __init__(self):
+    def __init__(self):
+        self._events = {}
+        if _HAS_POLL:
             self._poll = select.poll()
+        else:
+            import selectors
+            self._sel = selectors.DefaultSelector()
 
-        def register(self, fd):
-            self._poll.register(fd, self._MASK)
+    def set(self, fd, events):
+        old = self._events.get(fd)
+        if events == old or (not events and old is None):
+            return
+        if _HAS_POLL:
+            if not events:
+                self._poll.unregister(fd)
+            elif old is None:
+                self._poll.register(fd, events)
+            else:
+                self._poll.modify(fd, events)
+        else:
+            import selectors
+            if old is not None:
+                self._sel.unregister(fd)
+            wanted = ((selectors.EVENT_READ if events & _NOT_POLLOUT else 0) |
+                      (selectors.EVENT_WRITE if events & _POLLOUT else 0))
+            if wanted:
+                self._sel.register(fd, wanted)
+        if events:
+            self._events[fd] = events
+        else:
+            del self._events[fd]
 
-        def unregister(self, fd):
-            self._poll.unregister(fd)
-
-        def poll(self, timeout=None):
+    def poll(self, timeout=None):
+        if _HAS_POLL:
             ms = None if timeout is None else int(math.ceil(timeout * 1000))
             while True:
                 try:
                     return self._poll.poll(ms)
                 except InterruptedError:
                     continue
-    else:
-        def __init__(self):
-            import selectors
-            self._sel = selectors.DefaultSelector()
-
-        def register(self, fd):
-            import selectors
-            self._sel.register(fd, selectors.EVENT_READ)
-
-        def unregister(self, fd):
-            self._sel.unregister(fd)
-
-        def poll(self, timeout=None):
-            return [(key.fd, 0) for key, _ in self._sel.select(timeout)]
+        import selectors
+        return [(key.fd, (_POLLIN if mask & selectors.EVENT_READ else 0) |
+                 (_POLLOUT if mask & selectors.EVENT_WRITE else 0))
+                for key, mask in self._sel.select(timeout)]
 
 
-def _only_end_of_stream(sock):
+def _poll_once(watched, timeout):
+    """Wait once for ``{fd: events}``; the events that came."""
+    poller = _Poller()
+    for fd, events in watched.items():
+        poller.set(fd, events)
+    if not watched:
+        if timeout:
+            time.sleep(timeout)
+        return []
+    return poller.poll(timeout)
+
+
+def _wait_delivered(sock, deadline):
+    """Wait until the kernel has delivered what it holds for *sock*'s peer
+    (sent and acknowledged), at most until *deadline*: a reset throws away
+    what is still unsent.  Only where the system tells (Linux's
+    TIOCOUTQ)."""
+    while _unsent(sock) and _now() < deadline:
+        time.sleep(0.002)
+
+
+def _unsent(sock):
+    if _TIOCOUTQ is None:
+        return 0
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
+        return struct.unpack('i', fcntl.ioctl(sock.fileno(), _TIOCOUTQ,
+                                              b'\0\0\0\0'))[0]
+    except (OSError, ValueError):
+        return 0
+
+
+def _only_end_of_stream(side):
+    """Whether all that is left to read from *side* is its end (a reset
+    found here is the side's: the peek must not swallow it)."""
+    try:
+        return side.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
     except OSError:
         return False
 
@@ -1786,6 +2205,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     request_queue_size = 2048
     # decisions kept in memory for GET /decisions
     decision_log_size = 10000
+    # seconds a connection that is ending waits to deliver what it still
+    # holds: before a reset (which throws away what the kernel holds), and
+    # for a backend that takes nothing once the client's stream has ended
+    grace = 2.0
     # threads kept waiting for the next connection once theirs has ended,
     # and how long one waits before it ends too (seconds)
     spare_threads = 64

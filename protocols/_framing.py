@@ -260,12 +260,8 @@ def _hooks_act(behavior, to_backend):
     """Whether *behavior* has socket hooks acting on data going this way
     (behaviors may be limited to one direction, or act on the byte stream
     only: those need no hooks, only the outlet)."""
-    if behavior is None or behavior.passive:
-        return False
-    if not getattr(behavior, 'hooks', True):
-        return False
-    acts = getattr(behavior, 'acts', None)
-    return acts is None or acts(to_backend)
+    return (behavior is not None and not behavior.passive and
+            behavior.hooks and behavior.acts(to_backend))
 
 
 class FramedProtocol(BaseProtocol):
@@ -337,19 +333,13 @@ class FramedProtocol(BaseProtocol):
         return self._from_backend(data)
 
     def _dest(self, to_backend, behavior=None):
-        """The socket to send to, or the engine's outlet for it when stream
-        behaviors act on these bytes or earlier pieces still wait."""
-        sock = self.backend if to_backend else self.client
-        outlet = getattr(self.connection, 'outlet', None)
-        if outlet is None:
-            return sock
-        if behavior is not None and behavior.passive:
-            behavior = None
-        if behavior is not None:
-            acts = getattr(behavior, 'acts', None)
-            if acts is not None and not acts(to_backend):
-                behavior = None
-        return outlet(sock, to_backend, behavior)
+        """The side to send to, or the engine's outlet for it when stream
+        behaviors act on these bytes."""
+        side = self.backend if to_backend else self.client
+        if behavior is None or behavior.passive or not behavior.acts(
+                to_backend):
+            return side
+        return self.connection.outlet(side, to_backend, behavior)
 
     def _out(self, to_backend, behavior, data):
         parts = self._up if to_backend else self._down
@@ -375,7 +365,7 @@ class FramedProtocol(BaseProtocol):
     def _get_data(self, sock, buffer=None):
         """While a behavior's hook runs, serve it the bytes of the current
         message only (from what was read already, then from *sock*)."""
-        sock = getattr(sock, 'sock', sock)      # an outlet: its socket
+        sock = getattr(sock, 'side', sock)      # an outlet: its side
         serving = self._serving
         if serving is None or serving[0] is not sock or self.passthrough:
             return BaseProtocol._get_data(self, sock, buffer)
@@ -519,26 +509,19 @@ class FramedProtocol(BaseProtocol):
             self.expected.append((exchange, info))
 
     def _drain(self):
-        """Relay the backend's answers until none is awaited, and until the
-        client got every byte sent its way."""
+        """Relay the backend's answers until none is awaited (what a hook
+        answers then goes to the client after them: the client's side keeps
+        the order)."""
         while self.expected and not self.passthrough:
-            if not self._wait(self.backend):
+            conn = self.connection
+            if not conn.wait_readable(self.backend, conn.server.idle_timeout):
                 return False
             data = BaseProtocol._get_data(self, self.backend)
             if not self._from_backend(data):
                 return False
             if not data:
                 break
-        return self._settle()
-
-    def _settle(self):
-        """Wait until pieces that stream behaviors hold for the client are
-        sent (so that an answer of a hook cannot overtake them)."""
-        return self.connection.wait_sent(False)
-
-    def _wait(self, sock):
-        return vaurien.wait_readable(
-            sock, getattr(self.proxy, 'idle_timeout', None))
+        return True
 
     # backend to client
 

@@ -285,9 +285,8 @@ class PipelineTest(MixTestCase):
             while received < len(payload):
                 received += len(sock.recv(1 << 20))
                 for conn in list(proxy.server.connections.values()):
-                    if conn.queues:
-                        peak = max(peak, sum(q.size for q in
-                                             conn.queues.values()))
+                    if conn.backend is not None:
+                        peak = max(peak, conn.client.size + conn.backend.size)
             sender.join(10)
         self.assertEqual(received, len(payload))
         # at most high water per direction, plus one read of each
