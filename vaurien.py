@@ -427,13 +427,22 @@ class BaseProtocol(_Configurable):
 
     One instance serves one client connection (``self.connection``), so a
     protocol may keep parser state in ``self``.  Subclasses implement
-    ``_handle``; the engine calls the instance (``__call__``) each time the
-    client or the backend socket is readable.  The sockets it is given are
-    the connection's Sides: their ``sendall`` never blocks (what the
-    kernel cannot take waits, in order), everything else is the socket's.
+    ``_handle``, which the engine calls each time the client or the
+    backend socket is readable, between the hooks of the exchange's
+    behaviors: data from the client starts a new exchange (the behavior
+    mix is drawn), data from the backend belongs to the current one.  A
+    protocol that knows where requests start (``frames = True``) is called
+    for every read instead, and starts an exchange per request itself: see
+    ``Connection.start_exchange`` and ``protocols/_framing.py``.
+
+    The sockets it is given are the connection's Sides: their ``sendall``
+    never blocks (what the kernel cannot take waits, in order), everything
+    else is the socket's.
     """
 
     options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+    #: True for a protocol that starts an exchange per request itself
+    frames = False
 
     def __init__(self, settings=None, proxy=None):
         self.settings = dict(settings or {})
@@ -446,46 +455,6 @@ class BaseProtocol(_Configurable):
     def setup(self, client, backend):
         """Called once the backend is connected, before any data moves."""
 
-    def __call__(self, source, dest, to_backend):
-        """Run one readable event through the behavior hooks.
-
-        Data from the client starts a new exchange, for which the behavior
-        mix is drawn; data from the backend belongs to the current one.
-        Returns False to close the connection.  Protocols that frame
-        requests (several in one read) may override this to start an
-        exchange per request: see ``Connection.start_exchange``.
-        """
-        conn = self.connection
-        if to_backend:
-            if conn.client_ended:
-                # nothing left but the end of the client's stream: no new
-                # exchange; only the stream behaviors of the current one
-                behavior = conn.exchange.behavior
-                if not behavior.acts(to_backend):
-                    behavior = None
-                return self._handle(
-                    source, conn.outlet(dest, to_backend, behavior),
-                    to_backend)
-            exchange = conn.start_exchange()
-        else:
-            exchange = conn.exchange
-        behavior = exchange.behavior
-        if behavior.passive or not behavior.acts(to_backend):
-            return self._handle(source, dest, to_backend)
-        dest = conn.outlet(dest, to_backend, behavior)
-        if not behavior.hooks:
-            return self._handle(source, dest, to_backend)
-        verdict = behavior.on_before_handle(self, source, dest, to_backend)
-        if verdict is False:
-            return False
-        if verdict is not HANDLED:
-            if not self._handle(source, dest, to_backend):
-                return False
-            if behavior.on_after_handle(self, source, dest,
-                                        to_backend) is False:
-                return False
-        return True
-
     def _handle(self, source, dest, to_backend):
         """Read what *source* has and pass it on to *dest*.
 
@@ -495,12 +464,9 @@ class BaseProtocol(_Configurable):
 
     def _between(self, source, dest, to_backend):
         """Call once the request went to the backend, before its answer is
-        read: runs the behavior's ``on_between_handle``."""
-        behavior = self.connection.exchange.behavior
-        if behavior.passive:
-            return True
-        return behavior.on_between_handle(self, source, dest,
-                                          to_backend) is not False
+        read: runs the behaviors' ``on_between_handle``."""
+        return self.connection.exchange.between(self, source, dest,
+                                                to_backend)
 
     def _get_data(self, sock, buffer=None):
         """Read up to *buffer* bytes from *sock*; ``b''`` at end of stream.
@@ -591,45 +557,10 @@ class TCP(BaseProtocol):
                          "connection)", bool, False),
     }
 
-    def __init__(self, settings=None, proxy=None):
-        BaseProtocol.__init__(self, settings, proxy)
-        # the fast path below is for this class's own _handle only
-        self._plain = type(self)._handle is TCP._handle
-
     def setup(self, client, backend):
         if self.option('keep_alive'):
             for sock in (client, backend):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-    def __call__(self, source, dest, to_backend):
-        # The fast path: while the mix is dummy alone, bytes go straight
-        # through, with no exchange object and no hooks.  Any other mix
-        # takes the full path from the next read on.
-        conn = self.connection
-        if self._plain:
-            if to_backend:
-                single = conn.server.mix.single
-                plain = (single is not None and single[1].passive and
-                         not conn.client_ended)
-            else:
-                plain = conn.exchange.behavior.passive
-            if plain:
-                conn.granted = None
-                data = source.recv(self._bufsize)
-                if not data:
-                    return self._end_of_stream(source, dest)
-                dest.sendall(data)
-                if to_backend:
-                    conn.bytes_up += len(data)
-                    conn.exchanges += 1
-                    conn.dummies += 1
-                    conn.exchange = conn.plain_exchange
-                    if conn.server.statsd.enabled:
-                        conn.server.statsd.incr('behavior.dummy')
-                else:
-                    conn.bytes_down += len(data)
-                return True
-        return BaseProtocol.__call__(self, source, dest, to_backend)
 
     def _handle(self, source, dest, to_backend):
         data = self._get_data(source)
@@ -655,9 +586,11 @@ class Dummy(_Configurable):
     """Passes everything through untouched.  The base of every behavior.
 
     One instance serves the whole proxy (every connection), from the
-    moment the behavior is set until it is set again; keep per-connection
-    state in ``protocol.connection.state`` and per-exchange state in
-    ``protocol.connection.exchange.state``.
+    moment the behavior is set until it is set again.  State of its own
+    per connection it asks for with ``new_state()`` (and finds with
+    ``connection.state_of(self)``); per exchange it keeps it in
+    ``protocol.connection.exchange.state``, per direction of a connection
+    in ``flow.state`` (stream hooks).
 
     Socket hooks run in the connection's thread, once per readable event,
     with the protocol instance and the two sockets (``source`` is the
@@ -687,7 +620,7 @@ class Dummy(_Configurable):
     passive, hooks, streams, opens, whole_proxy = False, True, False, False, \
         False
     upstream = downstream = True
-    scope, gated = 'exchange', False
+    scope, gated, plan = 'exchange', False, None
 
     def __init__(self):
         self.settings = {}
@@ -719,27 +652,18 @@ class Dummy(_Configurable):
         self.gated = bool(get('after') or get('every', 1) != 1 or
                           get('times') or get('clients'))
         self._networks = _parse_networks(get('clients', ''))
+        self.plan = _plan([self])
 
     def acts(self, to_backend):
         """Whether this behavior acts on data going this way."""
         return self.upstream if to_backend else self.downstream
 
-    def admits(self, connection, number):
-        """The gates: whether exchange *number* of *connection* may meet
-        this behavior (options after, every, times, clients)."""
-        get = self.settings.get
-        if number <= get('after', 0) or number % get('every', 1):
-            return False
-        if self._networks and not _client_in(connection, self._networks):
-            return False
-        limit = get('times', 0)
-        if limit:
-            key = ('times', id(self))
-            used = connection.state.get(key, 0)
-            if used >= limit:
-                return False
-            connection.state[key] = used + 1
-        return True
+    def new_state(self):
+        """This behavior's state for a new connection (None: it keeps
+        none).  The engine keeps what this returns, one per connection,
+        made when the behavior first asks for it with
+        ``connection.state_of(self)``."""
+        return None
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         """Before the protocol reads *source*."""
@@ -784,6 +708,19 @@ _STREAM_HOOKS = ('on_chunk', 'on_end')
 _OTHER_HOOKS = ('on_open', 'activate', 'deactivate')
 
 
+def _plan(parts):
+    """Which of *parts* act each way: ``{to_backend: (socket hook parts,
+    stream hook parts)}``, in order; what an Exchange runs."""
+    plan = {}
+    for to_backend in (True, False):
+        plan[to_backend] = (
+            tuple(part for part in parts if part.hooks and
+                  part.acts(to_backend)),
+            tuple(part for part in parts if part.streams and
+                  part.acts(to_backend)))
+    return plan
+
+
 def _client_in(connection, networks):
     try:
         address = ipaddress.ip_address(connection.client_address[0])
@@ -793,9 +730,9 @@ def _client_in(connection, networks):
 
 
 class Composite(Dummy):
-    """Several behaviors at once (``latency+bandwidth``): their socket hooks
-    run in order, and their stream hooks as a pipeline, the first one's
-    pieces feeding the second."""
+    """Several behaviors at once (``latency+bandwidth``): an Exchange runs
+    their socket hooks in order, and their stream hooks as a pipeline, the
+    first one's pieces feeding the second."""
 
     def __init__(self, parts):
         self.parts = list(parts)
@@ -812,40 +749,10 @@ class Composite(Dummy):
         first = self.parts[0]
         self.scope = first.scope
         self.gated = any(part.gated for part in self.parts)
+        self.plan = _plan(self.parts)
 
     def ready(self):
         pass
-
-    def admits(self, connection, number):
-        return True
-
-    def _each(self, hook, protocol, source, dest, to_backend):
-        """Run *hook* of each part in order; stop at the first that closes
-        the connection or (on_before_handle) handles the data."""
-        for part in self.parts:
-            if part.hooks and part.acts(to_backend):
-                verdict = getattr(part, hook)(protocol, source, dest,
-                                              to_backend)
-                if verdict is False or verdict is HANDLED:
-                    return verdict
-        return True
-
-    def on_before_handle(self, protocol, source, dest, to_backend):
-        return self._each('on_before_handle', protocol, source, dest,
-                          to_backend)
-
-    def on_between_handle(self, protocol, source, dest, to_backend):
-        return self._each('on_between_handle', protocol, source, dest,
-                          to_backend) is not False
-
-    def on_after_handle(self, protocol, source, dest, to_backend):
-        return self._each('on_after_handle', protocol, source, dest,
-                          to_backend) is not False
-
-    def on_open(self, connection):
-        for part in self.parts:
-            if part.opens:
-                part.on_open(connection)
 
     def __repr__(self):
         return '<behaviors %s>' % self.name
@@ -896,14 +803,16 @@ class _Counted(Dummy):
         self._count = 0
         self._lock = threading.Lock()
 
+    def new_state(self):
+        return {'count': 0}     # with per_connection
+
     def _next_count(self, protocol):
         """0 for the first exchange this behavior is drawn for, 1 for the
         next, and so on."""
         if self.option('per_connection'):
-            state = protocol.connection.state
-            key = ('count', id(self))
-            number = state.get(key, 0)
-            state[key] = number + 1
+            state = protocol.connection.state_of(self)
+            number = state['count']
+            state['count'] = number + 1
             return number
         with self._lock:
             number = self._count
@@ -1216,29 +1125,45 @@ class Flow(object):
 
 class Outlet(object):
     """Stands in for a Side while stream behaviors act on what goes to it:
-    what the protocol sends goes through their ``on_chunk`` into the
-    side's queue, each piece out when due.  Anything else is the side's."""
+    what the protocol sends goes through their ``on_chunk`` (a pipeline,
+    the first one's pieces feeding the next) into the side's queue, each
+    piece out when due.  Anything else is the side's."""
 
-    __slots__ = ('side', 'connection', 'to_backend', 'behavior')
+    __slots__ = ('side', 'to_backend', 'flows')
 
-    def __init__(self, side, connection, to_backend, behavior):
+    def __init__(self, side, to_backend, flows):
         self.side = side
-        self.connection = connection
         self.to_backend = to_backend
-        self.behavior = behavior
+        self.flows = flows          # [(behavior, its Flow)], in order
 
     def sendall(self, data):
-        self.connection.push(self.to_backend, self.behavior, bytes(data))
+        pieces = [(_now(), bytes(data))]
+        for behavior, flow in self.flows:
+            passed = []
+            for when, piece in pieces:
+                passed.extend(behavior.on_chunk(flow, piece, when))
+            pieces = passed
+        side = self.side
+        side.density = len(pieces) / len(data) if data else 0.0
+        for when, piece in pieces:
+            side.put(when, piece)
 
     def send(self, data):
         self.sendall(data)
         return len(data)
 
     def shutdown(self, how):
+        side = self.side
         if how != socket.SHUT_WR:
-            self.side.shutdown(socket.SHUT_RD)
-        if how != socket.SHUT_RD:
-            self.connection.push_end(self.to_backend, self.behavior)
+            side.shutdown(socket.SHUT_RD)
+        if how == socket.SHUT_RD:
+            return
+        when = _now()
+        for behavior, flow in self.flows:
+            when = behavior.on_end(flow, when)
+            if when is None:
+                return      # never passed on
+        side.put(when, side.end_mark())
 
     def __getattr__(self, name):
         return getattr(self.side, name)
@@ -1443,15 +1368,177 @@ class Side(object):
 
 
 class Exchange(object):
-    """One request from the client and what answers it."""
+    """One request from the client and what answers it, with the behavior
+    drawn for it: the one place where behaviors meet the data.
 
-    __slots__ = ('number', 'name', 'behavior', 'state')
+    The engine's step and the framed protocols call it: ``before``,
+    ``between`` and ``after`` run, in order, the socket hooks of every
+    behavior acting on data going that way (the parts of ``a+b`` one after
+    the other; the first ``False`` or ``HANDLED`` stops the others), and
+    ``outlet`` puts the stream behaviors acting that way in front of the
+    destination.  Which behaviors act each way is worked out once per
+    behavior (its ``plan``), never per chunk.  While its hooks run, the
+    exchange is the connection's current one (``connection.exchange``).
+    """
 
-    def __init__(self, number, name, behavior):
+    __slots__ = ('connection', 'number', 'name', 'behavior', 'state', 'plan')
+
+    def __init__(self, connection, number, name, behavior):
+        self.connection = connection
         self.number = number
         self.name = name
         self.behavior = behavior
+        #: a dict private to this exchange
         self.state = {}
+        self.plan = behavior.plan or _plan(getattr(behavior, 'parts',
+                                                   [behavior]))
+
+    def hooks_act(self, to_backend):
+        """Whether socket hooks act on data going this way."""
+        return bool(self.plan[to_backend][0])
+
+    def outlet(self, dest, to_backend):
+        """*dest*, or an Outlet in front of it when stream behaviors act on
+        what goes this way."""
+        streams = self.plan[to_backend][1]
+        if not streams:
+            return dest
+        flow = self.connection.flow
+        return Outlet(dest.side, to_backend,
+                      [(part, flow(part, to_backend)) for part in streams])
+
+    def run(self, protocol, source, dest, to_backend, hooks=True):
+        """One readable event of a protocol that does not frame requests:
+        the hooks before, its ``_handle``, the hooks after.  False: close
+        the connection."""
+        dest = self.outlet(dest, to_backend)
+        if not hooks or not self.plan[to_backend][0]:
+            return protocol._handle(source, dest, to_backend)
+        verdict = self.before(protocol, source, dest, to_backend)
+        if verdict is False:
+            return False
+        if verdict is HANDLED:
+            return True
+        return bool(protocol._handle(source, dest, to_backend)) and \
+            self.after(protocol, source, dest, to_backend)
+
+    def before(self, protocol, source, dest, to_backend):
+        """``on_before_handle`` of each behavior acting this way: True,
+        False (close) or HANDLED (the hook dealt with the data)."""
+        return self._each('on_before_handle', protocol, source, dest,
+                          to_backend)
+
+    def between(self, protocol, source, dest, to_backend):
+        """``on_between_handle`` of each: False when one closes."""
+        return self._each('on_between_handle', protocol, source, dest,
+                          to_backend) is not False
+
+    def after(self, protocol, source, dest, to_backend):
+        """``on_after_handle`` of each: False when one closes."""
+        return self._each('on_after_handle', protocol, source, dest,
+                          to_backend) is not False
+
+    def _each(self, hook, protocol, source, dest, to_backend):
+        parts = self.plan[to_backend][0]
+        if not parts:
+            return True
+        conn = self.connection
+        current, conn.exchange = conn.exchange, self
+        try:
+            for part in parts:
+                verdict = getattr(part, hook)(protocol, source, dest,
+                                              to_backend)
+                if verdict is False or verdict is HANDLED:
+                    return verdict
+            return True
+        finally:
+            conn.exchange = current
+
+
+class Picker(object):
+    """Draws the behavior of each exchange of one connection from the mix
+    in force, and applies the gates of the common options (after, every,
+    times, clients): an exchange they keep out meets dummy."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.server = connection.server
+        self._sticky = None             # (mix generation, (name, behavior))
+        self._used = collections.Counter()  # behavior -> times it applied
+
+    def pick(self, number):
+        """``(name, behavior)`` for exchange *number*."""
+        mix = self.server.mix
+        if mix.single is not None:
+            return mix.single
+        name, behavior = self.draw(mix)
+        if behavior.gated:
+            name, behavior = self._gate(name, behavior, number)
+        return name, behavior
+
+    def draw(self, mix):
+        if not mix.per_connection:
+            return mix.draw(self.connection.rng)
+        # behaviors of connection scope are drawn once per connection (and
+        # again when the mix changes); the others for each exchange
+        generation = self.server.mix_generation
+        if self._sticky is None or self._sticky[0] != generation:
+            name, behavior = mix.draw(self.connection.rng)
+            if behavior.scope != 'connection':
+                name, behavior = None, None
+            self._sticky = (generation, (name, behavior))
+        if self._sticky[1][0] is not None:
+            return self._sticky[1]
+        name, behavior = mix.draw(self.connection.rng)
+        if behavior.scope == 'connection':
+            return 'dummy', self.server.dummy
+        return name, behavior
+
+    def _gate(self, name, behavior, number):
+        parts = getattr(behavior, 'parts', None)
+        if parts is None:
+            if self.admits(behavior, number):
+                return name, behavior
+            return 'dummy', self.server.dummy
+        admitted = [part for part in parts if self.admits(part, number)]
+        if not admitted:
+            return 'dummy', self.server.dummy
+        if len(admitted) == 1:
+            return admitted[0].name, admitted[0]
+        if len(admitted) < len(parts):
+            behavior = Composite(admitted)
+        return behavior.name, behavior
+
+    def admits(self, behavior, number):
+        """Whether exchange *number* may meet *behavior* (its options
+        after, every, times, clients)."""
+        get = behavior.settings.get
+        if number <= get('after', 0) or number % get('every', 1):
+            return False
+        if not self.serves_client(behavior):
+            return False
+        limit = get('times', 0)
+        if limit:
+            if self._used[behavior] >= limit:
+                return False
+            self._used[behavior] += 1
+        return True
+
+    def serves_client(self, behavior):
+        """Whether *behavior*'s option ``clients`` admits this client."""
+        networks = getattr(behavior, '_networks', None)
+        return not networks or _client_in(self.connection, networks)
+
+    def openers(self):
+        """The behaviors to run before the backend connection is made, each
+        drawn from its share of the mix."""
+        rng = self.connection.rng
+        for percent, name, behavior in self.server.mix.openers:
+            if percent < 100 and rng.random() * 100 >= percent:
+                continue
+            for part in getattr(behavior, 'parts', [behavior]):
+                if part.opens and self.serves_client(part):
+                    yield part
 
 
 class Connection(object):
@@ -1476,10 +1563,13 @@ class Connection(object):
         self.bytes_down = 0     # read from the backend
         self.exchanges = 0
         self.behaviors_met = collections.Counter()
-        self.dummies = 0        # dummy exchanges of the fast path
+        #: a dict for plugins (per behavior, prefer new_state/state_of)
         self.state = {}
-        self.exchange = self.plain_exchange = Exchange(0, 'dummy',
-                                                       server.dummy)
+        self._states = {}
+        # a dummy exchange keeps nothing: one serves them all
+        self.plain = Exchange(self, 0, 'dummy', server.dummy)
+        self.exchange = self.plain
+        self.picker = Picker(self)
         self._rng = None
         self._poller = None
         self.protocol = None
@@ -1489,7 +1579,7 @@ class Connection(object):
         self.aborted = False
         self._flows = {}
         self._closing = None            # (when, reset)
-        self._sticky = None             # (generation, (name, behavior))
+        self._unsent = None             # (bytes the kernel holds, since)
         # the side being handled, and whether its first read is still the
         # one the poller found ready (see BaseProtocol._get_data)
         self.source = None
@@ -1508,114 +1598,40 @@ class Connection(object):
         return self._rng
 
     def start_exchange(self):
-        """Draw the behavior for a new exchange and make it current."""
+        """Draw the behavior for a new exchange and make it current: the
+        one place where exchanges are counted and decisions made."""
         self.exchanges += 1
         number = self.exchanges
         server = self.server
-        mix = server.mix
-        if mix.single is not None:
-            name, behavior = mix.single
+        name, behavior = self.picker.pick(number)
+        if behavior is server.dummy:
+            exchange = self.plain
         else:
-            name, behavior = self._draw(mix)
-            if behavior.gated:
-                name, behavior = self._gate(name, behavior, number)
-        self.exchange = exchange = Exchange(number, name, behavior)
+            exchange = Exchange(self, number, name, behavior)
+            if not behavior.passive:
+                server.decide(self, number, behavior)
+        self.exchange = exchange
         self.behaviors_met[name] += 1
         if server.statsd.enabled:
             server.statsd.incr('behavior.' + name)
-        if not behavior.passive:
-            server.decide(self, number, behavior)
         return exchange
 
-    def _draw(self, mix):
-        if not mix.per_connection:
-            return mix.draw(self.rng)
-        # behaviors of connection scope are drawn once per connection (and
-        # again when the mix changes); the others for each exchange
-        generation = self.server.mix_generation
-        if self._sticky is None or self._sticky[0] != generation:
-            name, behavior = mix.draw(self.rng)
-            if behavior.scope != 'connection':
-                name, behavior = None, None
-            self._sticky = (generation, (name, behavior))
-        if self._sticky[1][0] is not None:
-            return self._sticky[1]
-        name, behavior = mix.draw(self.rng)
-        if behavior.scope == 'connection':
-            return 'dummy', self.server.dummy
-        return name, behavior
+    def state_of(self, behavior):
+        """*behavior*'s state on this connection: what its ``new_state()``
+        returned, made at the first call."""
+        try:
+            return self._states[behavior]
+        except KeyError:
+            state = self._states[behavior] = behavior.new_state()
+            return state
 
-    def _gate(self, name, behavior, number):
-        parts = getattr(behavior, 'parts', None)
-        if parts is None:
-            if behavior.admits(self, number):
-                return name, behavior
-            return 'dummy', self.server.dummy
-        admitted = [part for part in parts if part.admits(self, number)]
-        if not admitted:
-            return 'dummy', self.server.dummy
-        if len(admitted) == 1:
-            return admitted[0].name, admitted[0]
-        if len(admitted) < len(parts):
-            behavior = Composite(admitted)
-        return behavior.name, behavior
-
-    def _open(self):
-        """Behaviors that act before the backend connection is made."""
-        for percent, name, behavior in self.server.mix.openers:
-            if percent < 100 and self.rng.random() * 100 >= percent:
-                continue
-            for part in getattr(behavior, 'parts', [behavior]):
-                if part.opens and (not part._networks or
-                                   _client_in(self, part._networks)):
-                    self.server.decide(self, 0, part)
-                    part.on_open(self)
-
-    # stream behaviors
-
-    def outlet(self, dest, to_backend, behavior=None):
-        """*dest*, or an Outlet in front of it when stream behaviors act
-        on what goes this way: see BaseProtocol.__call__."""
-        if behavior is None or not behavior.streams:
-            return dest
-        return Outlet(dest, self, to_backend, behavior)
-
-    def _flow(self, behavior, to_backend):
+    def flow(self, behavior, to_backend):
+        """*behavior*'s Flow for one direction of this connection."""
         key = (id(behavior), to_backend)
         flow = self._flows.get(key)
         if flow is None or flow.behavior is not behavior:
             flow = self._flows[key] = Flow(self, to_backend, behavior)
         return flow
-
-    def _stages(self, behavior, to_backend):
-        if behavior is None or not behavior.streams:
-            return ()
-        return [(part, self._flow(part, to_backend))
-                for part in getattr(behavior, 'parts', [behavior])
-                if part.streams and part.acts(to_backend)]
-
-    def push(self, to_backend, behavior, data):
-        """Send *data* through the stream behaviors, now or when due."""
-        pieces = [(_now(), data)]
-        for part, flow in self._stages(behavior, to_backend):
-            passed = []
-            for when, piece in pieces:
-                passed.extend(part.on_chunk(flow, piece, when))
-            pieces = passed
-        side = self.backend if to_backend else self.client
-        side.density = len(pieces) / len(data) if data else 0.0
-        for when, piece in pieces:
-            side.put(when, piece)
-
-    def push_end(self, to_backend, behavior):
-        """Pass the end of the stream on, now or when due."""
-        when = _now()
-        for part, flow in self._stages(behavior, to_backend):
-            when = part.on_end(flow, when)
-            if when is None:
-                return
-        side = self.backend if to_backend else self.client
-        side.put(when, side.end_mark())
 
     def close_at(self, when, reset=False):
         """Close the connection at *when* (with a RST to the client)."""
@@ -1722,7 +1738,9 @@ class Connection(object):
     def run(self):
         server = self.server
         if server.mix.openers:
-            self._open()
+            for behavior in self.picker.openers():
+                server.decide(self, 0, behavior)
+                behavior.on_open(self)
         try:
             backend = server.connect_backend(self.backend_address)
         except OSError as exc:
@@ -1745,12 +1763,13 @@ class Connection(object):
         if server.mix.per_connection:
             # a behavior drawn for the whole connection also covers what
             # the backend says before the client's first request
-            name, behavior = self._draw(server.mix)
+            name, behavior = self.picker.draw(server.mix)
             if not behavior.passive and behavior.scope == 'connection':
-                self.exchange = Exchange(0, name, behavior)
+                self.exchange = Exchange(self, 0, name, behavior)
                 server.decide(self, 0, behavior)
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
+        self._plain_tcp = type(protocol)._handle is TCP._handle
         protocol.setup(client, backend)
         self._loop(protocol)
 
@@ -1806,11 +1825,40 @@ class Connection(object):
                     return
 
     def _step(self, protocol, source, dest, to_backend):
+        """*source* is readable: run it through the exchange it belongs to
+        and the protocol.  False: close the connection."""
         self.source = self.granted = source
         try:
-            return self._guarded(protocol, source, dest, to_backend)
+            return self._guarded(self._dispatch, protocol, source, dest,
+                                 to_backend)
         finally:
             self.source = self.granted = None
+
+    def _dispatch(self, protocol, source, dest, to_backend):
+        if protocol.frames:
+            # it starts an exchange per request, and runs them itself
+            return protocol._handle(source, dest, to_backend)
+        if not to_backend:
+            exchange = self.exchange    # an answer: the current exchange's
+        elif self.client_ended:
+            # nothing left but the end of the client's stream: no new
+            # exchange, and only the stream behaviors of the current one
+            return self.exchange.run(protocol, source, dest, to_backend,
+                                     hooks=False)
+        else:
+            exchange = self.start_exchange()
+        if exchange is self.plain and self._plain_tcp:
+            # the fast path: plain tcp under dummy, straight through
+            data = source.recv(protocol._bufsize)
+            if not data:
+                return protocol._end_of_stream(source, dest)
+            dest.sendall(data)
+            if to_backend:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
+            return True
+        return exchange.run(protocol, source, dest, to_backend)
 
     def _due(self):
         """The next time something is due, or None."""
@@ -1821,17 +1869,28 @@ class Connection(object):
                 times.append(when)
         if self._closing is not None:
             times.append(self._closing[0])
-        stuck = self._client_gone_stuck()
+        stuck = self._backend_stuck()
         if stuck is not None:
-            times.append(stuck + self.server.grace)
+            # (and look again at what the kernel holds now and then)
+            times.append(min(stuck + self.server.grace, _now() + 0.25))
         return min(times) if times else None
 
-    def _client_gone_stuck(self):
-        """Since when the backend has taken nothing of what waits for it,
-        when the client's stream has ended; None otherwise."""
-        if self.client.ended or self.client.lost:
-            return self.backend.stuck_since
-        return None
+    def _backend_stuck(self):
+        """Once the client's stream has ended: since when the backend has
+        taken nothing of what is on its way to it, here or in the kernel
+        (None: nothing waits, or it moves)."""
+        client, backend = self.client, self.backend
+        if not (client.ended or client.lost) or backend.lost:
+            return None
+        if backend.blocked:
+            return backend.stuck_since
+        unsent = _unsent(backend.sock)
+        if not unsent:
+            self._unsent = None
+            return None
+        if self._unsent is None or self._unsent[0] != unsent:
+            self._unsent = (unsent, _now())
+        return self._unsent[1]
 
     def _run_due(self):
         """Send what is due; False when the connection must close now."""
@@ -1848,7 +1907,7 @@ class Connection(object):
             when = side.due()
             if when is not None and when <= now:
                 side.flush(now)
-        stuck = self._client_gone_stuck()
+        stuck = self._backend_stuck()
         if stuck is not None and now - stuck >= self.server.grace:
             logger.info('connection %s: the client has ended and the backend '
                         'took nothing for %gs: closing', self.describe(),
@@ -1982,10 +2041,7 @@ class Connection(object):
 
     def met(self):
         """Exchanges by the behavior they met."""
-        met = collections.Counter(self.behaviors_met)
-        if self.dummies:
-            met['dummy'] += self.dummies
-        return met
+        return collections.Counter(self.behaviors_met)
 
     def summary(self):
         met = ' '.join('%s=%d' % item for item in

@@ -20,12 +20,14 @@ class ResetPeer(vaurien.Dummy):
             raise ValueError("option 'timeout' must be 0 or more "
                              "milliseconds, not %r" % (values['timeout'],))
 
+    def new_state(self):
+        return {'started': False}
+
     def _start(self, flow, at):
         # once per connection, whichever direction comes first
-        state = flow.connection.state
-        key = ('reset_peer', id(self))
-        if key not in state:
-            state[key] = True
+        state = flow.connection.state_of(self)
+        if not state['started']:
+            state['started'] = True
             flow.close(at + self.option('timeout') / 1000.0, reset=True)
 
     def on_chunk(self, flow, data, at):

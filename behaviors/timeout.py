@@ -21,14 +21,16 @@ class Timeout(vaurien.Dummy):
             raise ValueError("option 'timeout' must be 0 or more "
                              "milliseconds, not %r" % (values['timeout'],))
 
+    def new_state(self):
+        return {'started': False}
+
     def _start(self, flow, at):
         timeout = self.option('timeout')
         if timeout > 0:
             # once per connection, whichever direction comes first
-            state = flow.connection.state
-            key = ('timeout', id(self))
-            if key not in state:
-                state[key] = True
+            state = flow.connection.state_of(self)
+            if not state['started']:
+                state['started'] = True
                 flow.close(at + timeout / 1000.0)
 
     def on_chunk(self, flow, data, at):

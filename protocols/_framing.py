@@ -256,19 +256,15 @@ def number(text, what='number', low=0, high=None):
     return value
 
 
-def _hooks_act(behavior, to_backend):
-    """Whether *behavior* has socket hooks acting on data going this way
-    (behaviors may be limited to one direction, or act on the byte stream
-    only: those need no hooks, only the outlet)."""
-    return (behavior is not None and not behavior.passive and
-            behavior.hooks and behavior.acts(to_backend))
-
-
 class FramedProtocol(BaseProtocol):
-    """A protocol that frames both streams into messages, and draws the
-    behavior mix once per request instead of once per read."""
+    """A protocol that frames both streams into messages, and starts an
+    exchange per request instead of per read: the engine calls its
+    ``_handle`` for every read (``frames = True``), and it runs each
+    exchange's hooks (``Exchange.before``, ``between``, ``after``) at the
+    request's and the answer's boundaries."""
 
     options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+    frames = True
 
     def __init__(self, settings=None, proxy=None):
         super(FramedProtocol, self).__init__(settings, proxy)
@@ -280,15 +276,15 @@ class FramedProtocol(BaseProtocol):
         #: set by ``_error_answer`` to close after the answer (HTTP)
         self.close_after_answer = False
         self.client = self.backend = None
-        # what goes out at the next flush: [(behavior, [bytes])] each way
+        # what goes out at the next flush: [(exchange, [bytes])] each way
         self._up = []
         self._down = []
         self._req = self._resp = None
-        self._req_behavior = None   # behavior of the request being framed
-        self._req_ex = None         # its exchange, when hooks act on it
+        self._req_ex = None         # exchange of the request being framed
+        self._req_hooked = False    # its hooks ran: between, after to come
         self._req_mode = 'forward'  # or 'discard' (after HANDLED)
-        self._resp_behavior = None
-        self._resp_ex = None
+        self._resp_ex = None        # exchange of the answer being framed
+        self._resp_hooked = False
         self._resp_assoc = False
         self._resp_drop = False
         self._serving = None
@@ -320,33 +316,29 @@ class FramedProtocol(BaseProtocol):
         self._req = StreamParser(self.parse_requests())
         self._resp = StreamParser(self.parse_responses())
 
-    def __call__(self, source, dest, to_backend):
+    def _handle(self, source, dest, to_backend):
         data = BaseProtocol._get_data(self, source)
         if self.passthrough:
-            dest = self._dest(to_backend)
             if not data:
                 return self._end_of_stream(source, dest)
             dest.sendall(data)
             return True
-        if to_backend:
-            return self._from_client(data)
-        return self._from_backend(data)
+        return self._from(to_backend, data)
 
-    def _dest(self, to_backend, behavior=None):
-        """The side to send to, or the engine's outlet for it when stream
-        behaviors act on these bytes."""
+    def _dest(self, to_backend, exchange=None):
+        """The side to send to, or the outlet of *exchange*'s stream
+        behaviors in front of it."""
         side = self.backend if to_backend else self.client
-        if behavior is None or behavior.passive or not behavior.acts(
-                to_backend):
+        if exchange is None:
             return side
-        return self.connection.outlet(side, to_backend, behavior)
+        return exchange.outlet(side, to_backend)
 
-    def _out(self, to_backend, behavior, data):
+    def _out(self, to_backend, exchange, data):
         parts = self._up if to_backend else self._down
-        if parts and parts[-1][0] is behavior:
+        if parts and parts[-1][0] is exchange:
             parts[-1][1].append(data)
         else:
-            parts.append((behavior, [data]))
+            parts.append((exchange, [data]))
 
     def _flush(self):
         for to_backend in (True, False):
@@ -357,10 +349,10 @@ class FramedProtocol(BaseProtocol):
                 self._up = []
             else:
                 self._down = []
-            for behavior, chunks in parts:
+            for exchange, chunks in parts:
                 data = b''.join(chunks)
                 if data:
-                    self._dest(to_backend, behavior).sendall(data)
+                    self._dest(to_backend, exchange).sendall(data)
 
     def _get_data(self, sock, buffer=None):
         """While a behavior's hook runs, serve it the bytes of the current
@@ -397,11 +389,6 @@ class FramedProtocol(BaseProtocol):
         self._consumed.append(data)
         return data
 
-    # client to backend
-
-    def _from_client(self, data):
-        return self._from(True, data)
-
     def _from(self, to_backend, data):
         """Feed what one side sent (b'': its end of stream) to its parser
         and act on the events."""
@@ -424,6 +411,8 @@ class FramedProtocol(BaseProtocol):
             return self._end_of_stream(source, self._dest(to_backend))
         return True
 
+    # client to backend
+
     def _pump_requests(self):
         parser = self._req
         while not self.passthrough:
@@ -433,7 +422,7 @@ class FramedProtocol(BaseProtocol):
             kind, value = event
             if kind == 'data':
                 if self._req_mode == 'forward':
-                    self._out(True, self._req_behavior, value)
+                    self._out(True, self._req_ex, value)
             elif kind == 'start':
                 if not self._start_request(value):
                     return False
@@ -446,13 +435,12 @@ class FramedProtocol(BaseProtocol):
         return True
 
     def _start_request(self, info):
-        conn = self.connection
-        exchange = conn.start_exchange()
+        exchange = self.connection.start_exchange()
         self.request = info
-        self._req_ex = None
+        self._req_ex = exchange
+        self._req_hooked = False
         self._req_mode = 'forward'
-        behavior = self._req_behavior = exchange.behavior
-        if not _hooks_act(behavior, True):
+        if not exchange.hooks_act(True):
             self._expect(exchange, info)
             return True
         # every earlier answer goes to the client first
@@ -461,48 +449,41 @@ class FramedProtocol(BaseProtocol):
             return False
         if self.passthrough:
             return True
-        conn.exchange = exchange
         self.request = info
         self.close_after_answer = False
-        verdict = self._hook(behavior.on_before_handle, self._req,
-                             self.client, self.backend, True)
+        verdict = self._serve_hook(exchange.before, self._req, self.client,
+                                   self._dest(True, exchange), True)
         if verdict is False:
             return False
         if self.passthrough:
             return True
-        self._req_ex = exchange
+        self._req_hooked = True
         if verdict is HANDLED and info.get('keep_backend_in_step'):
             # the backend cannot be told to forget this request: it gets
             # it whole, and its answer is dropped (the client has one)
             for data in self._consumed:
-                self._out(True, behavior, data)
+                self._out(True, exchange, data)
             self._expect(exchange, dict(info, drop_answer=True))
         elif verdict is HANDLED:
             self._req_mode = 'discard'
             if self.close_after_answer:
-                try:
-                    self.client.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+                self.client.shutdown(socket.SHUT_WR)
         else:
             self._expect(exchange, info)
         return True
 
     def _end_request(self):
-        exchange, mode = self._req_ex, self._req_mode
+        exchange, hooked = self._req_ex, self._req_hooked
+        discarded = self._req_mode == 'discard'
         self._req_ex = None
-        self._req_behavior = None
+        self._req_hooked = False
         self._req_mode = 'forward'
-        if exchange is None or mode == 'discard':
+        if not hooked or discarded:
             return True
         self._flush()
-        self.connection.exchange = exchange
-        if not self._between(self.client, self._dest(True, exchange.behavior),
-                             True):
-            return False
-        return exchange.behavior.on_after_handle(
-            self, self.client, self._dest(True, exchange.behavior),
-            True) is not False
+        dest = self._dest(True, exchange)
+        return (exchange.between(self, self.client, dest, True) and
+                exchange.after(self, self.client, dest, True))
 
     def _expect(self, exchange, info):
         for _ in range(info.get('replies', 1)):
@@ -512,21 +493,18 @@ class FramedProtocol(BaseProtocol):
         """Relay the backend's answers until none is awaited (what a hook
         answers then goes to the client after them: the client's side keeps
         the order)."""
+        conn = self.connection
         while self.expected and not self.passthrough:
-            conn = self.connection
             if not conn.wait_readable(self.backend, conn.server.idle_timeout):
                 return False
             data = BaseProtocol._get_data(self, self.backend)
-            if not self._from_backend(data):
+            if not self._from(False, data):
                 return False
             if not data:
                 break
         return True
 
     # backend to client
-
-    def _from_backend(self, data):
-        return self._from(False, data)
 
     def _pump_responses(self):
         parser = self._resp
@@ -537,7 +515,7 @@ class FramedProtocol(BaseProtocol):
             kind, value = event
             if kind == 'data':
                 if not self._resp_drop:
-                    self._out(False, self._resp_behavior, value)
+                    self._out(False, self._resp_ex, value)
             elif kind == 'start':
                 if not self._start_response(value):
                     return False
@@ -551,7 +529,7 @@ class FramedProtocol(BaseProtocol):
 
     def _start_response(self, info):
         self._resp_ex = None
-        self._resp_behavior = None
+        self._resp_hooked = False
         self._resp_assoc = False
         self._resp_drop = False
         if info.get('push') or not self.expected:
@@ -561,56 +539,44 @@ class FramedProtocol(BaseProtocol):
         if request.get('drop_answer'):
             self._resp_drop = True
             return True
-        self._resp_behavior = exchange.behavior
-        if not _hooks_act(exchange.behavior, False):
-            return True
         self._resp_ex = exchange
+        if not exchange.hooks_act(False):
+            return True
+        self._resp_hooked = True
         self._flush()
-        return self._response_hook(exchange, 'on_before_handle')
+        return self._serve_hook(exchange.before, self._resp, self.backend,
+                                self._dest(False, exchange),
+                                False) is not False
 
     def _end_response(self, info):
         exchange, assoc = self._resp_ex, self._resp_assoc
+        hooked = self._resp_hooked
         if info.get('interim'):
             return True
         self._resp_ex = None
-        self._resp_behavior = None
+        self._resp_hooked = False
         self._resp_assoc = False
         self._resp_drop = False
         if not assoc:
             return True
         if self.expected:
             self.expected.popleft()
-        if exchange is None:
+        if not hooked:
             return True
         self._flush()
-        return self._response_hook(exchange, 'on_after_handle')
-
-    def _response_hook(self, exchange, name):
-        conn = self.connection
-        current = conn.exchange
-        conn.exchange = exchange
-        try:
-            hook = getattr(exchange.behavior, name)
-            dest = self._dest(False, exchange.behavior)
-            if name == 'on_before_handle':
-                verdict = self._hook(hook, self._resp, self.backend, dest,
-                                     False)
-            else:
-                verdict = hook(self, self.backend, dest, False)
-        finally:
-            conn.exchange = current
-        return verdict is not False
+        return exchange.after(self, self.backend, self._dest(False, exchange),
+                              False)
 
     # shared
 
-    def _hook(self, hook, parser, source, dest, to_backend):
+    def _serve_hook(self, run, parser, source, dest, to_backend):
+        """Run hooks (``run``: an Exchange's ``before``) that may read from
+        *source*: ``_get_data`` serves them the current message only."""
         self._serving = (source, parser)
         self._serve_ended = self._serve_lost = False
         self._consumed = []
-        if to_backend:
-            dest = self._dest(True, self.connection.exchange.behavior)
         try:
-            return hook(self, source, dest, to_backend)
+            return run(self, source, dest, to_backend)
         finally:
             self._serving = None
             if self._serve_lost:

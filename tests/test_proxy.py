@@ -144,17 +144,17 @@ class FastPathTest(unittest.TestCase):
                 for payload in payloads:
                     self.assertEqual(support.exchange(sock, payload), payload)
                 conn, = proxy.server.connections.values()
-                self.assertGreaterEqual(conn.dummies, len(payloads))
-                fast = conn.dummies
+                self.assertGreaterEqual(conn.behaviors_met['dummy'], len(payloads))
+                fast = conn.behaviors_met['dummy']
                 proxy.server.set_mix('delay', {'delay': {'sleep': 0.3}})
                 start = time.time()
                 self.assertEqual(support.exchange(sock, b'slow'), b'slow')
                 self.assertGreaterEqual(time.time() - start, 0.3)
                 self.assertEqual(conn.behaviors_met['delay'], 1)
-                self.assertEqual(conn.dummies, fast)
+                self.assertEqual(conn.behaviors_met['dummy'], fast)
                 proxy.server.set_mix('dummy')
                 self.assertEqual(support.exchange(sock, b'fast'), b'fast')
-                self.assertEqual(conn.dummies, fast + 1)
+                self.assertEqual(conn.behaviors_met['dummy'], fast + 1)
                 self.assertEqual(conn.bytes_up, sum(map(len, payloads)) + 8)
             counts = proxy.server.exchange_counts
             self.assertEqual(counts['delay'], 1)
