@@ -112,8 +112,11 @@ except (ImportError, AttributeError):
 
 # Errors ##################################################################
 
-class VaurienError(Exception):
+class VaurienError(ValueError):
     """A mistake in what the user asked for: one line, no traceback.
+
+    A ValueError, as Vaurien 1.x's errors were: code written for it says
+    ``except ValueError``.
 
     *field* names what was wrong (an option, 'name', 'backend') for the
     control API's error answers.
@@ -305,8 +308,16 @@ class Registry(object):
     """The plugins of one kind, by name.
 
     ``register(cls)`` is what a plugin module calls at import time; two
-    different classes under one name are an error naming both modules.
+    different classes under one name are an error naming both modules.  As
+    in Vaurien 1.x, whose registries took any class with a name and the
+    hooks, a class need not derive from the kind's base class (``base``,
+    set once it is defined): it gets the base's defaults for what it
+    lacks.
     """
+
+    #: the base class of the kind's plugins, and the hooks that make a
+    #: class a plugin of the kind (any one of them)
+    base, hooks = None, ()
 
     def __init__(self, kind):
         self.kind = kind
@@ -314,10 +325,14 @@ class Registry(object):
         self._lock = threading.Lock()
 
     def register(self, cls, name=None):
+        if not isinstance(cls, type):
+            raise PluginError('%r is not a %s class' % (cls, self.kind))
         name = name or getattr(cls, 'name', None)
         if not name:
             raise PluginError('%s class %s.%s has no name' % (
                 self.kind, cls.__module__, cls.__name__))
+        if self.base is not None and not issubclass(cls, self.base):
+            cls = self._adopt(cls)
         if name != getattr(cls, 'name', None):
             cls = type(cls.__name__, (cls,), {'name': name,
                                               '__module__': cls.__module__})
@@ -331,6 +346,30 @@ class Registry(object):
                                               plugin_origin(cls)))
             self._plugins[name] = cls
         return cls
+
+    def _adopt(self, cls):
+        """A subclass of *cls* and the base: the base's defaults for what
+        *cls* lacks, and both __init__ methods."""
+        if not any(callable(getattr(cls, hook, None)) for hook in self.hooks):
+            raise PluginError('%s.%s is not a %s: it has none of the methods '
+                              '%s' % (cls.__module__, cls.__name__, self.kind,
+                                      ', '.join(self.hooks)))
+        base = self.base
+        own_init = cls.__init__ if cls.__init__ is not object.__init__ \
+            else None
+
+        def __init__(self, *args, **kwargs):
+            base.__init__(self, *args, **kwargs)
+            if own_init is not None:
+                own_init(self, *args, **kwargs)
+        namespace = {'__init__': __init__, '__module__': cls.__module__,
+                     '__doc__': cls.__doc__}
+        if base is BaseProtocol and not callable(getattr(cls, '_handle',
+                                                         None)):
+            # a 1.x protocol that does everything in __call__
+            namespace['_handle'] = lambda self, source, dest, to_backend: \
+                cls.__call__(self, source, dest, to_backend)
+        return type(cls.__name__, (cls, base), namespace)
 
     def unregister(self, name):
         self._plugins.pop(name, None)
@@ -572,6 +611,7 @@ class TCP(BaseProtocol):
         return True
 
 
+Protocol.base, Protocol.hooks = BaseProtocol, ('_handle', '__call__')
 Protocol.register(TCP)
 
 
@@ -921,11 +961,13 @@ class Hang(Dummy):
 
 
 class Blackout(Dummy):
-    """Closes the client's connection at once, without a word."""
+    """Closes the client's connection at once, without a word: a clean end
+    of stream (a FIN), never a reset (``reset_peer`` resets)."""
 
     name = 'blackout'
 
     def on_before_handle(self, protocol, source, dest, to_backend):
+        protocol.connection.hang_up()
         return False
 
 
@@ -944,30 +986,11 @@ class Abort(Dummy):
         return not to_backend
 
 
+Behavior.base = Dummy
+Behavior.hooks = _HOOKS + _STREAM_HOOKS + _OTHER_HOOKS
 for _cls in (Dummy, Delay, Error, Transient, Hang, Blackout, Abort):
     Behavior.register(_cls)
 del _cls
-
-
-def _original_module_paths():
-    """Vaurien 1.x was a package: keep its module paths importable
-    (``from vaurien.protocols.base import BaseProtocol``)."""
-    def module(name, **names):
-        made = types.ModuleType(name)
-        made.__dict__.update(names)
-        return sys.modules.setdefault(name, made)
-    base = module('vaurien.protocols.base', BaseProtocol=BaseProtocol)
-    tcp = module('vaurien.protocols.tcp', TCP=TCP)
-    _this.protocols = module('vaurien.protocols', Protocol=Protocol,
-                             BaseProtocol=BaseProtocol,
-                             get_protocols=get_protocols, base=base, tcp=tcp)
-    dummy = module('vaurien.behaviors.dummy', Dummy=Dummy)
-    _this.behaviors = module('vaurien.behaviors', Behavior=Behavior,
-                             Dummy=Dummy, get_behaviors=get_behaviors,
-                             dummy=dummy)
-
-
-_original_module_paths()
 
 
 # The mix #################################################################
@@ -2022,6 +2045,33 @@ class Connection(object):
             logger.debug('%s', traceback.format_exc())
             return False
 
+    def hang_up(self, linger=0.2):
+        """End both streams now with a FIN, and read out what the peers
+        still send for at most *linger* seconds: a socket closed with
+        unread data would reset its peer instead."""
+        sides = [side for side in (self.client, self.backend)
+                 if side is not None and not side.lost]
+        for side in sides:
+            side.drop()
+            try:
+                side.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        deadline = _now() + linger
+        while sides and _now() < deadline:
+            ready = _poll_once(dict((side.fd, _IN_EVENTS) for side in sides),
+                               deadline - _now())
+            for fd, _ in ready:
+                side = self.client if fd == self.client.fd else self.backend
+                try:
+                    if side.sock.recv(65536, _DONTWAIT):
+                        continue
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    pass
+                sides.remove(side)      # its end came: nothing unread
+
     def close(self):
         for side in (self.client, self.backend):
             if side is not None:
@@ -2274,6 +2324,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                  protocol='tcp', behavior='dummy', timeout=30.0,
                  idle_timeout=None, backlog=None, seed=None,
                  protocol_options=None, behavior_options=None, statsd=None):
+        # in-process proxies find the bundled plugins as the command line
+        # does, without a load_plugins() call first
+        _load_bundled_plugins()
         if isinstance(proxy, str):
             proxy = parse_address(proxy, 'proxy address', allow_zero=True)
         if isinstance(backend, str):
@@ -2980,6 +3033,12 @@ class Client(_ControlMethods):
         self.port = int(port)
         self.token = token
         self.timeout = timeout
+        # Vaurien 1.x's attributes
+        self.scheme = scheme
+        self.root_url = '%s://%s' % (scheme, format_address((host,
+                                                              self.port)))
+        self.behavior_url = self.root_url + '/behavior'
+        self.list_behaviors_url = self.root_url + '/behaviors'
 
     def _call(self, method, path, body=None):
         # http.client, not urllib: no http_proxy variable may reroute us
@@ -3161,6 +3220,32 @@ def stop_proxy(pid):
     return process.returncode
 
 
+# Vaurien 1.x's module paths ############################################
+
+def _original_module_paths():
+    """Vaurien 1.x was a package: keep its module paths importable
+    (``from vaurien.protocols.base import BaseProtocol``)."""
+    def module(name, **names):
+        made = types.ModuleType(name)
+        made.__dict__.update(names)
+        return sys.modules.setdefault(name, made)
+    base = module('vaurien.protocols.base', BaseProtocol=BaseProtocol)
+    tcp = module('vaurien.protocols.tcp', TCP=TCP)
+    _this.protocols = module('vaurien.protocols', Protocol=Protocol,
+                             BaseProtocol=BaseProtocol,
+                             get_protocols=get_protocols, base=base, tcp=tcp)
+    dummy = module('vaurien.behaviors.dummy', Dummy=Dummy)
+    _this.behaviors = module('vaurien.behaviors', Behavior=Behavior,
+                             Dummy=Dummy, get_behaviors=get_behaviors,
+                             dummy=dummy)
+    # the 2.0 docs' test helpers
+    _this.util = module('vaurien.util', start_proxy=start_proxy,
+                        stop_proxy=stop_proxy)
+
+
+_original_module_paths()
+
+
 # Plugin discovery ########################################################
 
 # (installed name, name beside vaurien.py in the source folder)
@@ -3204,9 +3289,19 @@ def _plugin_package(installed, local):
     return None
 
 
+_bundled_loaded = []
+
+
+def _load_bundled_plugins():
+    """The bundled plugins, once per process (see load_plugins)."""
+    if not _bundled_loaded:
+        load_plugins()
+
+
 def load_plugins(modules=(), callables=()):
     """Import every bundled plugin module, the *modules* a user names, and
     the *callables* ``(kind, name, 'module:Class')`` of ini sections."""
+    _bundled_loaded.append(True)
     for installed, local in PLUGIN_PACKAGES:
         package = _plugin_package(installed, local)
         if package is None:
@@ -3222,7 +3317,6 @@ def load_plugins(modules=(), callables=()):
             _import_module(name, 'plugin module')
     for kind, name, where in callables:
         registry = Protocol if kind == 'protocol' else Behavior
-        base = BaseProtocol if kind == 'protocol' else Dummy
         module_name, sep, attr = where.strip().partition(':')
         if not sep:
             module_name, _, attr = where.strip().rpartition('.')
@@ -3231,10 +3325,14 @@ def load_plugins(modules=(), callables=()):
                               % (kind, name, where))
         module = _import_module(module_name, 'plugin module')
         cls = getattr(module, attr, None)
-        if not (isinstance(cls, type) and issubclass(cls, base)):
+        if not isinstance(cls, type):
             raise PluginError("[%s:%s] callable = %r: %s has no %s class %r"
                               % (kind, name, where, module_name, kind, attr))
-        registry.register(cls, name)
+        try:
+            registry.register(cls, name)
+        except PluginError as exc:
+            raise PluginError('[%s:%s] callable = %r: %s'
+                              % (kind, name, where, exc))
 
 
 # Command line and configuration ##########################################

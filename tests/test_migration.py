@@ -1,0 +1,213 @@
+"""Moving over from Vaurien 1.x: its import paths, its errors, its
+plugins (classes that need not derive from the base), its Client, and the
+test helpers that find the bundled plugins by themselves."""
+
+import os
+import shutil
+import socket
+import sys
+import textwrap
+import time
+import unittest
+
+from tests import support
+from tests.support import vaurien
+
+SUPER = '''
+from vaurien.behaviors import Behavior
+
+class MySuperBehavior(object):
+    """1.x's own docs' example: no base class at all."""
+
+    name = 'super'
+    options = {}
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        if to_backend:
+            data = protocol._get_data(source)
+            dest.sendall(data.upper())
+            return 'handled'
+        return True
+
+    def on_after_handle(self, protocol, source, dest, to_backend):
+        return True
+
+Behavior.register(MySuperBehavior)
+'''
+
+NOT_A_PLUGIN = '''
+from vaurien.behaviors import Behavior
+
+class Nothing(object):
+    name = 'nothing'
+
+Behavior.register(Nothing)
+'''
+
+
+class HelpersFindPluginsTest(unittest.TestCase):
+    """vaurien.proxy() finds the bundled plugins as the command line does,
+    with no load_plugins() call: from a checkout and from a vendored copy
+    with the plugin folders beside it."""
+
+    SCRIPT = textwrap.dedent('''
+        import socket, sys
+        import vaurien
+        backend = socket.socket()
+        backend.bind(('127.0.0.1', 0))
+        backend.listen(1)
+        with vaurien.proxy(backend=backend.getsockname(),
+                           behavior='latency') as p:
+            print(p.get_behavior())
+        with vaurien.proxy(backend=backend.getsockname(),
+                           protocol='redis') as p:
+            print(p.server.protocol_name)
+        ''')
+
+    def run_script(self, cwd, env):
+        code, out, err = support.run_command(['-c', self.SCRIPT], cwd=cwd,
+                                             env=env)
+        self.assertEqual((code, out.split(), err), (0, ['latency', 'redis'],
+                                                    ''))
+
+    def test_from_a_checkout(self):
+        with support.temp_dir() as folder:
+            self.run_script(folder, support.env_with_path())
+
+    def test_from_a_vendored_copy(self):
+        with support.temp_dir() as folder:
+            vendored = os.path.join(folder, 'thirdparty')
+            os.makedirs(vendored)
+            shutil.copy(support.VAURIEN_PY, vendored)
+            for name in ('protocols', 'behaviors'):
+                shutil.copytree(os.path.join(support.ROOT, name),
+                                os.path.join(vendored, name),
+                                ignore=shutil.ignore_patterns('__pycache__'))
+            env = dict(os.environ, PYTHONPATH=vendored)
+            self.run_script(folder, env)
+
+
+class ErrorsAreValueErrorsTest(unittest.TestCase):
+    """1.x raised ValueError; code written for it says except ValueError."""
+
+    def test_stop_proxy_of_an_unknown_pid(self):
+        with self.assertRaises(ValueError):
+            vaurien.stop_proxy(999999)
+
+    def test_start_proxy_that_cannot_start(self):
+        with self.assertRaises(ValueError):
+            vaurien.start_proxy(backend_port=0, proxy_port=0, http=False,
+                                warmup=10)
+
+    def test_set_behavior_refused_by_the_api(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(backend=echo.address, http=True) as proxy:
+            client = proxy.client()
+            with self.assertRaises(ValueError):
+                client.set_behavior('no-such-behavior')
+            with self.assertRaises(vaurien.ControlError):
+                client.set_behavior('no-such-behavior')
+
+
+class ImportPathsTest(unittest.TestCase):
+
+    def test_util_paths_of_the_2_0_docs(self):
+        from vaurien.util import start_proxy, stop_proxy
+        self.assertIs(start_proxy, vaurien.start_proxy)
+        self.assertIs(stop_proxy, vaurien.stop_proxy)
+
+    def test_1x_module_paths(self):
+        from vaurien.protocols.base import BaseProtocol
+        from vaurien.behaviors.dummy import Dummy
+        from vaurien.behaviors import Behavior
+        self.assertIs(BaseProtocol, vaurien.BaseProtocol)
+        self.assertIs(Dummy, vaurien.Dummy)
+        self.assertIs(Behavior, vaurien.Behavior)
+
+
+class ClientTest(unittest.TestCase):
+
+    def test_1x_attributes_and_a_port_as_a_string(self):
+        client = vaurien.Client(host='localhost', port='8081')
+        self.assertEqual(client.port, 8081)
+        self.assertEqual(client.scheme, 'http')
+        self.assertEqual(client.root_url, 'http://localhost:8081')
+        self.assertEqual(client.behavior_url, 'http://localhost:8081/behavior')
+        self.assertEqual(client.list_behaviors_url,
+                         'http://localhost:8081/behaviors')
+
+
+class OneXPluginsTest(unittest.TestCase):
+    """Any class with a name and the hooks is a behavior, as with 1.x's
+    registry: through Behavior.register, --plugins and callable =."""
+
+    def tearDown(self):
+        vaurien.Behavior.unregister('super')
+
+    def test_register_a_class_of_no_base(self):
+        namespace = {}
+        exec(SUPER, namespace)
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address, behavior='super') as proxy:
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'shout'), b'SHOUT')
+
+    def check_process(self, args, folder):
+        with support.EchoServer() as echo, support.vaurien_process(
+                args + ['--backend', '127.0.0.1:%d' % echo.port],
+                cwd=folder, env=support.env_with_path(folder)) as (proc,
+                                                                  address):
+            with support.connect(address) as sock:
+                self.assertEqual(support.exchange(sock, b'shout'), b'SHOUT')
+
+    def test_plugins_flag(self):
+        with support.temp_dir() as folder:
+            support.write(os.path.join(folder, 'oldplugin.py'), SUPER)
+            self.check_process(['--plugins', 'oldplugin', '--behavior',
+                                'super'], folder)
+
+    def test_callable_in_the_ini_file(self):
+        with support.temp_dir() as folder:
+            support.write(os.path.join(folder, 'oldplugin.py'),
+                          SUPER.replace('Behavior.register(MySuperBehavior)',
+                                        ''))
+            ini = support.write(os.path.join(folder, 'v.ini'), textwrap.dedent(
+                '''
+                [vaurien]
+                behavior = loud
+
+                [behavior:loud]
+                callable = oldplugin:MySuperBehavior
+                '''))
+            self.check_process(['--config', ini], folder)
+
+    def test_a_class_that_is_no_plugin_is_one_line(self):
+        with support.temp_dir() as folder:
+            support.write(os.path.join(folder, 'notplugin.py'), NOT_A_PLUGIN)
+            code, out, err = support.run_vaurien(
+                ['--plugins', 'notplugin', '--list'], cwd=folder,
+                env=support.env_with_path(folder))
+        self.assertEqual(code, 2)
+        self.assertNotIn('Traceback', err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn('none of the methods', err)
+
+
+class BlackoutTest(unittest.TestCase):
+
+    def test_blackout_is_a_clean_end_not_a_reset(self):
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address, behavior='blackout') as proxy:
+            for _ in range(5):
+                with proxy.connect() as sock:
+                    sock.sendall(b'x' * 100000)
+                    time.sleep(0.05)
+                    try:
+                        got = sock.recv(100)
+                    except ConnectionResetError:
+                        got = 'reset'
+                    self.assertEqual(got, b'')
+
+
+if __name__ == '__main__':
+    unittest.main()
