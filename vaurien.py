@@ -519,13 +519,14 @@ class BaseProtocol(_Configurable):
         conn = self.connection
         if side is None or conn is None or conn.backend is None:
             return _read_plain(sock, buffer or self._bufsize)
-        if conn.granted is side:
-            conn.granted = None     # the read the poller found ready
+        duplex = conn.duplex
+        if duplex.granted is side:
+            duplex.granted = None   # the read the poller found ready
         else:
             if side.peer.full:
-                conn.make_room(side.peer)
+                duplex.make_room(side.peer)
             if conn.client.blocked or conn.backend.blocked:
-                conn.wait_readable(side)
+                duplex.wait_readable(side)
         size = buffer or self._bufsize
         if side.peer.density:
             size = side.peer.room(size)
@@ -534,7 +535,7 @@ class BaseProtocol(_Configurable):
                 data = side.recv(size)
                 break
             except (BlockingIOError, InterruptedError):
-                conn.wait_readable(side)
+                duplex.wait_readable(side)
         if side is conn.client:
             conn.bytes_up += len(data)
         else:
@@ -967,7 +968,7 @@ class Blackout(Dummy):
     name = 'blackout'
 
     def on_before_handle(self, protocol, source, dest, to_backend):
-        protocol.connection.hang_up()
+        protocol.connection.duplex.hang_up()
         return False
 
 
@@ -1143,7 +1144,7 @@ class Flow(object):
     def close(self, when, reset=False):
         """Close the whole connection at *when*; *reset*: with a TCP RST
         to the client."""
-        self.connection.close_at(when, reset)
+        self.connection.duplex.close_at(when, reset)
 
 
 class Outlet(object):
@@ -1212,9 +1213,9 @@ class Side(object):
     What the kernel cannot take at once waits in ``queue``, in order and
     with the pieces that stream behaviors hold for later, and goes out as
     the socket drains: meanwhile the loop watches the socket for POLLOUT
-    and goes on serving the other direction.  Past the connection's
-    ``high_water`` bytes waiting here, the connection stops reading what
-    feeds this side, and reads it again under ``low_water``.  Everything
+    and goes on serving the other direction.  Past ``Duplex.high_water``
+    bytes waiting here, what feeds this side is not read, until it is
+    under ``low_water`` (see Duplex).  Everything
     but ``sendall``, ``send``, ``shutdown`` and ``recv`` is the socket's.
     """
 
@@ -1223,8 +1224,8 @@ class Side(object):
     #: million 1-byte slices weigh what they really do
     piece_cost = 128
 
-    def __init__(self, connection, sock, name):
-        self.connection = connection
+    def __init__(self, duplex, sock, name):
+        self.duplex = duplex
         self.sock = sock
         self.fd = sock.fileno()
         self.name = name                # 'client' or 'backend'
@@ -1282,7 +1283,7 @@ class Side(object):
         except (BlockingIOError, InterruptedError):
             raise
         except OSError as exc:
-            self.connection.lose(self, exc)
+            self.duplex.lose(self, exc)
             data = b''
         if not data:
             self.ended = True
@@ -1301,7 +1302,7 @@ class Side(object):
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
-            self.connection.lose(self, exc)
+            self.duplex.lose(self, exc)
             return None
 
     def end_mark(self):
@@ -1325,15 +1326,15 @@ class Side(object):
         queue.append((when, piece))
         if len(queue) == 1 and not self.blocked and when <= _now():
             self.flush(when)
-        if self.size > self.connection.high_water and not self.full:
-            self.connection.hold(self)
+        if self.size > self.duplex.high_water and not self.full:
+            self.duplex.hold(self)
 
     def flush(self, now=None):
         """Send the pieces due by *now*, as far as the kernel takes them."""
         queue = self.queue
         if now is None:
             now = _now()
-        conn = self.connection
+        duplex = self.duplex
         stuck = False
         while queue:
             when, piece = queue[0]
@@ -1341,7 +1342,7 @@ class Side(object):
                 break
             if type(piece) is _Mark:
                 queue.popleft()
-                conn.pass_end(self, piece)
+                duplex.pass_end(self, piece)
                 continue
             sent = self._send(piece)
             if sent is None:
@@ -1359,19 +1360,19 @@ class Side(object):
                 self.stuck_since = _now()
             if not self.blocked:
                 self.blocked = True
-                conn.watch(self)
+                duplex.watch(self)
         elif self.blocked:
             self.blocked = False
             self.stuck_since = None
-            conn.watch(self)
-        if self.full and self.size < conn.low_water:
-            conn.release(self)
+            duplex.watch(self)
+        if self.full and self.size < duplex.low_water:
+            duplex.release(self)
 
     def room(self, size):
         """How much of a read of *size* bytes on its way here fits under
         the high water mark, counting the pieces that stream behaviors cut
         it into (1-byte slices cost 129 times their bytes)."""
-        left = self.connection.high_water - self.size
+        left = self.duplex.high_water - self.size
         fit = int(left / (1 + self.piece_cost * self.density))
         return max(1, min(size, fit))
 
@@ -1388,6 +1389,325 @@ class Side(object):
         self.size = 0
         self.blocked = False
         self.stuck_since = None
+
+
+class Duplex(object):
+    """The two Sides of one connection and what moves between them.
+
+    It keeps the poller's view of both sockets, the water marks (a full
+    side holds what feeds it), a side that is lost (the other side gets
+    what the lost one sent, then a reset), the ends passed on, and the
+    waits inside a step (a hook, a protocol reading in a loop) that keep
+    both directions moving meanwhile.
+    """
+
+    # what waits for one side, in bytes (pieces counted with their cost),
+    # past which what feeds that side is not read, and under which it is
+    # read again
+    high_water = 4 << 20
+    low_water = 1 << 20
+
+    def __init__(self, connection, client):
+        self.connection = connection
+        self.client = Side(self, client, 'client')
+        self.backend = None
+        self.poller = None
+        # the side being handled, and whether its first read is still the
+        # one the poller found ready (see BaseProtocol._get_data)
+        self.source = None
+        self.granted = None
+        self._unsent = None             # (bytes the kernel holds, since)
+        self._closing = None            # (when, reset) of Flow.close
+
+    def attach(self, backend):
+        """The backend is connected: from now on both sides move."""
+        client = self.client
+        self.backend = backend = Side(self, backend, 'backend')
+        client.peer, backend.peer = backend, client
+        for side in (client, backend):
+            try:
+                side.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                     1)
+            except OSError:
+                pass
+            if not _DONTWAIT:
+                side.sock.setblocking(False)
+        self.poller = _Poller()
+        self.watch(client)
+        self.watch(backend)
+        return backend
+
+    def watch(self, side):
+        """Tell the poller what to wait for on *side*."""
+        if self.poller is None:
+            return
+        mask = 0
+        if side.reading:
+            if not side.held:
+                mask = _READ_EVENTS
+            elif not side.ended:
+                mask = _POLLRDHUP     # its end is news even while held
+        if side.blocked:
+            mask |= _POLLOUT
+        self.poller.set(side.fd, mask)
+
+    def hold(self, side):
+        """*side* is full: stop reading what feeds it (its peer, and the
+        side being handled, when a hook answers it itself)."""
+        side.full = True
+        for reader in (side.peer, self.source):
+            if reader is not None and side not in reader.held:
+                reader.held.add(side)
+                self.watch(reader)
+
+    def release(self, side):
+        """*side* drained: read again what it held."""
+        side.full = False
+        for reader in (self.client, self.backend):
+            if reader is not None and side in reader.held:
+                reader.held.discard(side)
+                self.watch(reader)
+
+    def lose(self, side, exc):
+        """*side* is gone: a write to it failed, or it was reset.  Nothing
+        more goes to it, and nothing more is read from the other side
+        (there is nowhere to send it); what *side* had sent is still read
+        to its end and delivered, then the other side gets a reset, as
+        TCP would give it (see Side.end_mark)."""
+        if side.lost:
+            return
+        logger.debug('connection %s: the %s is gone (%s)',
+                     self.connection.describe(), side.name,
+                     _os_error_text(exc))
+        side.lost = True
+        side.drop()
+        if side.full:
+            self.release(side)
+        self.watch(side)
+        peer = side.peer
+        if peer is None:
+            return
+        if peer.reading:
+            self.stop_reading(peer)
+        if not side.reading:
+            # its end came already: nothing will pass the reset on
+            peer.put(_now(), _RESET)
+
+    def pass_end(self, side, mark):
+        """An end mark reached the head of *side*'s queue: pass it on."""
+        if not mark.reset:
+            try:
+                side.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return
+        # a reset throws away what the kernel still holds: let it deliver
+        # that first (for at most the grace period)
+        _wait_delivered(side.sock, _now() + self.connection.server.grace)
+        if self.poller is not None:
+            self.poller.set(side.fd, 0)
+        side.lost = side.ended = True
+        side.reading = False
+        side.drop()
+        _reset(side.sock)
+
+    def stop_reading(self, side):
+        side.reading = False
+        side.held.clear()
+        self.watch(side)
+
+    def busy(self):
+        """Whether anything is left to read, to send, or to close."""
+        client, backend = self.client, self.backend
+        return bool(client.reading or backend.reading or client.queue or
+                    backend.queue or self._closing is not None)
+
+    # timers: pieces due later, a close, a backend that takes nothing
+
+    def close_at(self, when, reset=False):
+        """Close the connection at *when* (with a RST to the client)."""
+        if self._closing is None or when < self._closing[0]:
+            self._closing = (when, reset)
+
+    def due(self):
+        """When the next piece is due, or a close, or a stuck backend is
+        given up; None when nothing is waiting for a time."""
+        times = [when for when in (self.client.due(), self.backend.due())
+                 if when is not None]
+        if self._closing is not None:
+            times.append(self._closing[0])
+        stuck = self.backend_stuck()
+        if stuck is not None:
+            # (and look again at what the kernel holds now and then)
+            times.append(min(stuck + self.connection.server.grace,
+                             _now() + 0.25))
+        return min(times) if times else None
+
+    def run_due(self):
+        """Send what is due; False when the connection must close now."""
+        now = _now()
+        closing = self._closing
+        connection = self.connection
+        grace = connection.server.grace
+        if closing is not None and closing[0] <= now:
+            # what was due before the close still goes out first
+            self.deliver(closing[0])
+            if closing[1]:
+                _wait_delivered(self.client.sock, _now() + grace)
+                _reset(self.client.sock)
+            return False
+        for side in (self.client, self.backend):
+            when = side.due()
+            if when is not None and when <= now:
+                side.flush(now)
+        stuck = self.backend_stuck()
+        if stuck is not None and now - stuck >= grace:
+            logger.info('connection %s: the client has ended and the backend '
+                        'took nothing for %gs: closing',
+                        connection.describe(), grace)
+            return False
+        return True
+
+    def backend_stuck(self):
+        """Once the client's stream has ended: since when the backend has
+        taken nothing of what is on its way to it, here or in the kernel
+        (None: nothing waits, or it moves)."""
+        client, backend = self.client, self.backend
+        if not (client.ended or client.lost) or backend.lost:
+            return None
+        if backend.blocked:
+            return backend.stuck_since
+        unsent = _unsent(backend.sock)
+        if not unsent:
+            self._unsent = None
+            return None
+        if self._unsent is None or self._unsent[0] != unsent:
+            self._unsent = (unsent, _now())
+        return self._unsent[1]
+
+    # waiting inside a step
+
+    def serve(self, done=None, readable=None, deadline=None, quiet=None):
+        """Send what waits for either side until ``done()`` is true or
+        *readable* (a Side) has data; False when the *deadline* passes, or
+        *quiet* seconds go by with no event, or the connection aborts."""
+        sides = (self.client, self.backend)
+        connection = self.connection
+        while not connection.aborted:
+            if done is not None and done():
+                return True
+            now = _now()
+            timeout = quiet
+            if deadline is not None:
+                if now >= deadline:
+                    return False
+                timeout = deadline - now if timeout is None else min(
+                    timeout, deadline - now)
+            watched = {}
+            timer = False
+            for side in sides:
+                if side.blocked:
+                    watched[side.fd] = _POLLOUT
+                when = side.due()
+                if when is not None:
+                    wait = max(0.0, when - now)
+                    if timeout is None or wait <= timeout:
+                        timeout, timer = wait, True
+            if readable is not None:
+                watched[readable.fd] = watched.get(readable.fd, 0) | _IN_EVENTS
+            if not watched and timeout is None:
+                return False        # nothing can happen any more
+            events = _poll_once(watched, timeout)
+            if not events and not timer and quiet is not None and (
+                    deadline is None or _now() < deadline):
+                return False
+            ready = False
+            for fd, flags in events:
+                for side in sides:
+                    if side.fd == fd and side.blocked:
+                        side.flush()
+                if readable is not None and fd == readable.fd and (
+                        flags & _NOT_POLLOUT):
+                    ready = True
+            now = _now()
+            for side in sides:
+                when = side.due()
+                if when is not None and when <= now:
+                    side.flush(now)
+            if ready:
+                return True
+        return False
+
+    def wait_readable(self, side, timeout=None):
+        """Wait until *side* has data or its end, at most *timeout* seconds
+        (None: no limit), sending what waits either way; True if it has."""
+        return self.serve(
+            None, readable=side,
+            deadline=None if timeout is None else _now() + timeout)
+
+    def make_room(self, side):
+        """Wait, sending what waits, until *side* has room again (a
+        protocol or hook reading in a loop faster than *side* drains).
+        Raises socket.timeout when nothing moves for the idle timeout."""
+        if not self.serve(lambda: not side.full,
+                          quiet=self.connection.server.idle_timeout):
+            raise socket.timeout('the %s takes nothing' % side.name)
+
+    def deliver(self, until):
+        """Send what is due by *until*, waiting for the sockets to take it
+        for at most the grace period."""
+        def delivered():
+            for side in (self.client, self.backend):
+                side.flush(until)
+                if side.queue and side.queue[0][0] <= until:
+                    return False
+            return True
+        return self.serve(delivered,
+                          deadline=_now() + self.connection.server.grace)
+
+    # the end
+
+    def hang_up(self, linger=0.2):
+        """End both streams now with a FIN, and read out what the peers
+        still send for at most *linger* seconds: a socket closed with
+        unread data would reset its peer instead."""
+        sides = [side for side in (self.client, self.backend)
+                 if side is not None and not side.lost]
+        for side in sides:
+            side.drop()
+            try:
+                side.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        deadline = _now() + linger
+        while sides and _now() < deadline:
+            ready = _poll_once(dict((side.fd, _IN_EVENTS) for side in sides),
+                               deadline - _now())
+            for fd, _ in ready:
+                side = self.client if fd == self.client.fd else self.backend
+                try:
+                    if side.sock.recv(65536, _DONTWAIT):
+                        continue
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    pass
+                sides.remove(side)      # its end came: nothing unread
+
+    def shutdown(self):
+        """Wake the connection's thread, from another: both streams end."""
+        for side in (self.client, self.backend):
+            if side is not None:
+                try:
+                    side.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        for side in (self.client, self.backend):
+            if side is not None:
+                side.drop()     # what waits goes now, not at the next GC
+                _close(side.sock)
 
 
 class Exchange(object):
@@ -1565,21 +1885,17 @@ class Picker(object):
 
 
 class Connection(object):
-    """One client, its backend connection and the loop between them."""
-
-    # what waits for one side, in bytes (pieces counted with their cost),
-    # past which the connection stops reading what feeds that side, and
-    # under which it reads it again
-    high_water = 4 << 20
-    low_water = 1 << 20
+    """One client, its backend connection, and the loop between them: the
+    life of the connection, from the backend's connect to the close."""
 
     def __init__(self, server, client, address):
         self.server = server
         self.id = next(server._ids)
-        self.client = Side(self, client, 'client')
+        self.duplex = Duplex(self, client)
+        #: the two Sides (``backend`` once connected)
+        self.client, self.backend = self.duplex.client, None
         self.client_address = address
         self.client_text = format_address(address)
-        self.backend = None
         self.backend_address = server.backend
         self.started = time.time()
         self.bytes_up = 0       # read from the client
@@ -1589,24 +1905,17 @@ class Connection(object):
         #: a dict for plugins (per behavior, prefer new_state/state_of)
         self.state = {}
         self._states = {}
+        self._flows = {}
         # a dummy exchange keeps nothing: one serves them all
-        self.plain = Exchange(self, 0, 'dummy', server.dummy)
-        self.exchange = self.plain
+        self.plain = self.exchange = Exchange(self, 0, 'dummy', server.dummy)
         self.picker = Picker(self)
-        self._rng = None
-        self._poller = None
         self.protocol = None
+        self._plain_tcp = False
+        self._rng = None
         #: True once all that is left from the client is its end of stream
         self.client_ended = False
         #: set from another thread to end the connection now (see abort)
         self.aborted = False
-        self._flows = {}
-        self._closing = None            # (when, reset)
-        self._unsent = None             # (bytes the kernel holds, since)
-        # the side being handled, and whether its first read is still the
-        # one the poller found ready (see BaseProtocol._get_data)
-        self.source = None
-        self.granted = None
 
     @property
     def rng(self):
@@ -1619,6 +1928,8 @@ class Connection(object):
             else:
                 self._rng = random.Random('%s:%d' % (seed, self.id))
         return self._rng
+
+    # exchanges, and what behaviors keep per connection
 
     def start_exchange(self):
         """Draw the behavior for a new exchange and make it current: the
@@ -1656,103 +1967,18 @@ class Connection(object):
             flow = self._flows[key] = Flow(self, to_backend, behavior)
         return flow
 
-    def close_at(self, when, reset=False):
-        """Close the connection at *when* (with a RST to the client)."""
-        if self._closing is None or when < self._closing[0]:
-            self._closing = (when, reset)
-
-    # the water marks, and sides that are gone
-
-    def hold(self, side):
-        """*side* is full: stop reading what feeds it (its peer, and the
-        side being handled, when a hook answers it itself)."""
-        side.full = True
-        for reader in (side.peer, self.source):
-            if reader is not None and side not in reader.held:
-                reader.held.add(side)
-                self.watch(reader)
-
-    def release(self, side):
-        """*side* drained: read again what it held."""
-        side.full = False
-        for reader in (self.client, self.backend):
-            if reader is not None and side in reader.held:
-                reader.held.discard(side)
-                self.watch(reader)
-
-    def lose(self, side, exc):
-        """*side* is gone: a write to it failed, or it was reset.  Nothing
-        more goes to it, and nothing more is read from the other side
-        (there is nowhere to send it); what *side* had sent is still read
-        to its end and delivered, then the other side gets a reset, as
-        TCP would give it (see Side.end_mark)."""
-        if side.lost:
-            return
-        logger.debug('connection %s: the %s is gone (%s)', self.describe(),
-                     side.name, _os_error_text(exc))
-        side.lost = True
-        side.drop()
-        if side.full:
-            self.release(side)
-        self.watch(side)
-        peer = side.peer
-        if peer is None:
-            return
-        if peer.reading:
-            peer.reading = False
-            peer.held.clear()
-            self.watch(peer)
-        if not side.reading:
-            # its end came already: nothing will pass the reset on
-            peer.put(_now(), _RESET)
-
-    def pass_end(self, side, mark):
-        """An end mark reached the head of *side*'s queue: pass it on."""
-        if not mark.reset:
-            try:
-                side.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return
-        # a reset throws away what the kernel still holds: let it deliver
-        # that first (for at most the grace period)
-        _wait_delivered(side.sock, _now() + self.server.grace)
-        if self._poller is not None:
-            self._poller.set(side.fd, 0)
-        side.lost = side.ended = True
-        side.reading = False
-        side.drop()
-        _reset(side.sock)
+    def wait_readable(self, side, timeout=None):
+        """Wait until *side* has data or its end, at most *timeout* seconds
+        (None: no limit), sending what waits either way; True if it has."""
+        return self.duplex.wait_readable(side.side, timeout)
 
     def stop_reading(self, sock):
         """Stop reading *sock* (a Side); False when nothing is left to
         read, nor to send."""
-        side = sock.side
-        side.reading = False
-        side.held.clear()
-        self.watch(side)
-        return self._alive()
+        self.duplex.stop_reading(sock.side)
+        return self.duplex.busy()
 
-    def _alive(self):
-        client, backend = self.client, self.backend
-        return bool(client.reading or backend.reading or client.queue or
-                    backend.queue or self._closing is not None)
-
-    # the loop
-
-    def watch(self, side):
-        """Tell the poller what to wait for on *side*."""
-        if self._poller is None:
-            return
-        mask = 0
-        if side.reading:
-            if not side.held:
-                mask = _READ_EVENTS
-            elif not side.ended:
-                mask = _POLLRDHUP     # its end is news even while held
-        if side.blocked:
-            mask |= _POLLOUT
-        self._poller.set(side.fd, mask)
+    # the life of the connection
 
     def describe(self):
         return '%d %s -> %s' % (self.id, format_address(self.client_address),
@@ -1772,17 +1998,7 @@ class Connection(object):
                            _os_error_text(exc))
             server.statsd.incr('backend_errors')
             return
-        client = self.client
-        self.backend = backend = Side(self, backend, 'backend')
-        client.peer, backend.peer = backend, client
-        for side in (client, backend):
-            try:
-                side.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
-                                     1)
-            except OSError:
-                pass
-            if not _DONTWAIT:
-                side.sock.setblocking(False)
+        self.backend = self.duplex.attach(backend)
         if server.mix.per_connection:
             # a behavior drawn for the whole connection also covers what
             # the backend says before the client's first request
@@ -1793,19 +2009,17 @@ class Connection(object):
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
         self._plain_tcp = type(protocol)._handle is TCP._handle
-        protocol.setup(client, backend)
+        protocol.setup(self.client, self.backend)
         self._loop(protocol)
 
     def _loop(self, protocol):
-        self._poller = poller = _Poller()
-        client, backend = self.client, self.backend
-        sides = {client.fd: client, backend.fd: backend}
-        self.watch(client)
-        self.watch(backend)
+        duplex = self.duplex
+        poller, client = duplex.poller, self.client
+        sides = {client.fd: client, self.backend.fd: self.backend}
         idle = self.server.idle_timeout
-        while self._alive() and not self.aborted:
+        while duplex.busy() and not self.aborted:
             timeout, timer = idle, False
-            due = self._due()
+            due = duplex.due()
             if due is not None:
                 wait = max(0.0, due - _now())
                 if timeout is None or wait < timeout:
@@ -1816,7 +2030,7 @@ class Connection(object):
                 events = poller.poll(0)
             else:
                 events = poller.poll(timeout)
-            if due is not None and not self._guarded(self._run_due):
+            if due is not None and not _guarded(self, duplex.run_due):
                 return
             if not events:
                 if not timer:
@@ -1831,7 +2045,7 @@ class Connection(object):
                 if flags & _POLLOUT or (side.blocked and not side.reading):
                     # (a socket watched for POLLOUT alone reports its
                     # errors as POLLERR/POLLHUP: flushing finds them)
-                    self._guarded(side.flush)
+                    _guarded(self, side.flush)
                 if not flags & _NOT_POLLOUT or not side.reading:
                     continue
                 if side.held and not flags & (_POLLHUP | _POLLERR):
@@ -1839,7 +2053,7 @@ class Connection(object):
                     # is news (its data comes first, once read again)
                     if flags & _POLLRDHUP:
                         side.ended = True
-                        self.watch(side)
+                        duplex.watch(side)
                     continue
                 to_backend = side is client
                 if to_backend and flags & _POLLRDHUP:
@@ -1850,12 +2064,13 @@ class Connection(object):
     def _step(self, protocol, source, dest, to_backend):
         """*source* is readable: run it through the exchange it belongs to
         and the protocol.  False: close the connection."""
-        self.source = self.granted = source
+        duplex = self.duplex
+        duplex.source = duplex.granted = source
         try:
-            return self._guarded(self._dispatch, protocol, source, dest,
+            return _guarded(self, self._dispatch, protocol, source, dest,
                                  to_backend)
         finally:
-            self.source = self.granted = None
+            duplex.source = duplex.granted = None
 
     def _dispatch(self, protocol, source, dest, to_backend):
         if protocol.frames:
@@ -1883,211 +2098,11 @@ class Connection(object):
             return True
         return exchange.run(protocol, source, dest, to_backend)
 
-    def _due(self):
-        """The next time something is due, or None."""
-        times = []
-        for side in (self.client, self.backend):
-            when = side.due()
-            if when is not None:
-                times.append(when)
-        if self._closing is not None:
-            times.append(self._closing[0])
-        stuck = self._backend_stuck()
-        if stuck is not None:
-            # (and look again at what the kernel holds now and then)
-            times.append(min(stuck + self.server.grace, _now() + 0.25))
-        return min(times) if times else None
-
-    def _backend_stuck(self):
-        """Once the client's stream has ended: since when the backend has
-        taken nothing of what is on its way to it, here or in the kernel
-        (None: nothing waits, or it moves)."""
-        client, backend = self.client, self.backend
-        if not (client.ended or client.lost) or backend.lost:
-            return None
-        if backend.blocked:
-            return backend.stuck_since
-        unsent = _unsent(backend.sock)
-        if not unsent:
-            self._unsent = None
-            return None
-        if self._unsent is None or self._unsent[0] != unsent:
-            self._unsent = (unsent, _now())
-        return self._unsent[1]
-
-    def _run_due(self):
-        """Send what is due; False when the connection must close now."""
-        now = _now()
-        closing = self._closing
-        if closing is not None and closing[0] <= now:
-            # what was due before the close still goes out first
-            self._deliver(closing[0])
-            if closing[1]:
-                _wait_delivered(self.client.sock, _now() + self.server.grace)
-                _reset(self.client.sock)
-            return False
-        for side in (self.client, self.backend):
-            when = side.due()
-            if when is not None and when <= now:
-                side.flush(now)
-        stuck = self._backend_stuck()
-        if stuck is not None and now - stuck >= self.server.grace:
-            logger.info('connection %s: the client has ended and the backend '
-                        'took nothing for %gs: closing', self.describe(),
-                        self.server.grace)
-            return False
-        return True
-
-    def _deliver(self, until):
-        """Send what is due by *until*, waiting for the sockets to take it
-        for at most the grace period."""
-        def delivered():
-            for side in (self.client, self.backend):
-                side.flush(until)
-                if side.queue and side.queue[0][0] <= until:
-                    return False
-            return True
-        return self.serve(delivered, deadline=_now() + self.server.grace)
-
-    # waiting inside a step (hooks, protocols reading in a loop)
-
-    def wait_readable(self, sock, timeout=None):
-        """Wait until *sock* (a Side) has data or its end, at most
-        *timeout* seconds (None: no limit), sending what waits either way
-        meanwhile; True if it has."""
-        side = sock.side
-        return self.serve(
-            None, readable=side,
-            deadline=None if timeout is None else _now() + timeout)
-
-    def make_room(self, side):
-        """Wait, sending what waits, until *side* has room again (a
-        protocol or hook reading in a loop faster than *side* drains).
-        Raises socket.timeout when nothing moves for the idle timeout."""
-        if not self.serve(lambda: not side.full, quiet=self.server.
-                          idle_timeout):
-            raise socket.timeout('the %s takes nothing' % side.name)
-
-    def serve(self, done=None, readable=None, deadline=None, quiet=None):
-        """Send what waits for either side until ``done()`` is true or
-        *readable* (a Side) has data; False when the *deadline* passes, or
-        *quiet* seconds go by with no event, or the connection aborts."""
-        sides = (self.client, self.backend)
-        while not self.aborted:
-            if done is not None and done():
-                return True
-            now = _now()
-            timeout = quiet
-            if deadline is not None:
-                if now >= deadline:
-                    return False
-                timeout = deadline - now if timeout is None else min(
-                    timeout, deadline - now)
-            watched = {}
-            timer = False
-            for side in sides:
-                if side.blocked:
-                    watched[side.fd] = _POLLOUT
-                when = side.due()
-                if when is not None:
-                    wait = max(0.0, when - now)
-                    if timeout is None or wait <= timeout:
-                        timeout, timer = wait, True
-            if readable is not None:
-                watched[readable.fd] = watched.get(readable.fd, 0) | _IN_EVENTS
-            if not watched and timeout is None:
-                return False        # nothing can happen any more
-            events = _poll_once(watched, timeout)
-            if not events and not timer and quiet is not None and (
-                    deadline is None or _now() < deadline):
-                return False
-            ready = False
-            for fd, flags in events:
-                for side in sides:
-                    if side.fd == fd and side.blocked:
-                        side.flush()
-                if readable is not None and fd == readable.fd and (
-                        flags & _NOT_POLLOUT):
-                    ready = True
-            for side in sides:
-                when = side.due()
-                if when is not None and when <= _now():
-                    side.flush()
-            if ready:
-                return True
-        return False
-
-    def _guarded(self, call, *args):
-        """Run *call*; a peer gone or a plugin raising closes this
-        connection only (False), with one log line."""
-        try:
-            return call(*args)
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
-                socket.timeout) as exc:
-            logger.debug('connection %s: %s', self.describe(),
-                         _os_error_text(exc))
-            if isinstance(exc, ConnectionResetError):
-                # a plugin's own socket call met a reset: pass it on
-                for side in (self.client, self.backend):
-                    if side is not None:
-                        _reset(side.sock)
-            return False
-        except OSError as exc:
-            if self.server.closing or self.aborted:
-                return False
-            logger.info('connection %s: %s', self.describe(),
-                        _os_error_text(exc))
-            return False
-        except Exception as exc:
-            logger.error('connection %s: %s raised %s: %s; closing this '
-                         'connection', self.describe(), _culprit(exc),
-                         type(exc).__name__, exc)
-            logger.debug('%s', traceback.format_exc())
-            return False
-
-    def hang_up(self, linger=0.2):
-        """End both streams now with a FIN, and read out what the peers
-        still send for at most *linger* seconds: a socket closed with
-        unread data would reset its peer instead."""
-        sides = [side for side in (self.client, self.backend)
-                 if side is not None and not side.lost]
-        for side in sides:
-            side.drop()
-            try:
-                side.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        deadline = _now() + linger
-        while sides and _now() < deadline:
-            ready = _poll_once(dict((side.fd, _IN_EVENTS) for side in sides),
-                               deadline - _now())
-            for fd, _ in ready:
-                side = self.client if fd == self.client.fd else self.backend
-                try:
-                    if side.sock.recv(65536, _DONTWAIT):
-                        continue
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    pass
-                sides.remove(side)      # its end came: nothing unread
-
-    def close(self):
-        for side in (self.client, self.backend):
-            if side is not None:
-                side.drop()     # what waits goes now, not at the next GC
-                _close(side.sock)
-
     def abort(self):
         """End the connection now, from another thread: its thread sees
         the end of both streams and finishes without waiting."""
         self.aborted = True
-        for side in (self.client, self.backend):
-            if side is not None:
-                try:
-                    side.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        self.duplex.shutdown()
 
     def met(self):
         """Exchanges by the behavior they met."""
@@ -2100,6 +2115,35 @@ class Connection(object):
                 'down, %d exchanges (%s)' % (
                     self.describe(), time.time() - self.started,
                     self.bytes_up, self.bytes_down, self.exchanges, met))
+
+
+def _guarded(conn, call, *args):
+    """Run *call* for connection *conn*; a peer gone or a plugin raising
+    closes this connection only (False), with one log line."""
+    try:
+        return call(*args)
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+            socket.timeout) as exc:
+        logger.debug('connection %s: %s', conn.describe(),
+                     _os_error_text(exc))
+        if isinstance(exc, ConnectionResetError):
+            # a plugin's own socket call met a reset: pass it on
+            for side in (conn.client, conn.backend):
+                if side is not None:
+                    _reset(side.sock)
+        return False
+    except OSError as exc:
+        if conn.server.closing or conn.aborted:
+            return False
+        logger.info('connection %s: %s', conn.describe(),
+                    _os_error_text(exc))
+        return False
+    except Exception as exc:
+        logger.error('connection %s: %s raised %s: %s; closing this '
+                     'connection', conn.describe(), _culprit(exc),
+                     type(exc).__name__, exc)
+        logger.debug('%s', traceback.format_exc())
+        return False
 
 
 # poll()'s events, with the values select.poll uses (where it exists)
@@ -2283,7 +2327,7 @@ class ProxyHandler(socketserver.BaseRequestHandler):
             logger.debug('%s', traceback.format_exc())
         finally:
             server.count_closed(conn)
-            conn.close()
+            conn.duplex.close()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug('%s', conn.summary())
 

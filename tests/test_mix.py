@@ -290,7 +290,7 @@ class PipelineTest(MixTestCase):
             sender.join(10)
         self.assertEqual(received, len(payload))
         # at most high water per direction, plus one read of each
-        self.assertLessEqual(peak, 2 * (vaurien.Connection.high_water +
+        self.assertLessEqual(peak, 2 * (vaurien.Duplex.high_water +
                                         (1 << 16)))
 
 

@@ -316,7 +316,7 @@ class MemoryTest(unittest.TestCase):
         return peak_size, peak_pieces, ref
 
     def check_bounded(self, behavior, options):
-        high = vaurien.Connection.high_water
+        high = vaurien.Duplex.high_water
         peak_size, peak_pieces, ref = self.blast_through(behavior, options)
         self.assertGreater(peak_size, 0)
         # high water, plus one read of pieces beyond it
