@@ -71,5 +71,113 @@ class LineCheckTest(unittest.TestCase):
         self.assertIsNone(_framing.tls_hint(b'GET / HTTP/1.1'))
 
 
+class Case(unittest.TestCase):
+    """A proxy between a client socket and a backend socket in the test's
+    hands, and the warnings it logs."""
+
+    def pair(self, protocol):
+        logs = Logs()
+        vaurien.logger.addHandler(logs)
+        self.addCleanup(vaurien.logger.removeHandler, logs)
+        pair = Pair(protocol)
+        self.addCleanup(pair.close)
+        self.logs = logs
+        return pair
+
+    def assert_passes(self, pair, data, to_backend=True):
+        """*data* sent by one side reaches the other whole, without the
+        sender's stream ending: nothing waits for more."""
+        source, dest = ((pair.client, pair.backend) if to_backend
+                        else (pair.backend, pair.client))
+        source.sendall(data)
+        self.assertEqual(read_some(dest, len(data), TIMEOUT), data)
+
+    def warnings(self):
+        return [message for level, message in self.logs.lines]
+
+    def assert_fell_back(self, pair, tls=False):
+        warnings = self.warnings()
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn('passing this connection through unchanged',
+                      warnings[0])
+        # the line names the connection (its client's address)
+        self.assertIn('%s:%d' % pair.client.getsockname()[:2], warnings[0])
+        if tls:
+            self.assertIn('speaks TLS', warnings[0])
+        # and the connection goes on both ways
+        self.assert_passes(pair, b'after \x00 the fallback\r\n')
+        self.assert_passes(pair, b'and \xff back\r\n', to_backend=False)
+
+
+class HTTPTest(Case):
+
+    def test_client_hello(self):
+        pair = self.pair('http')
+        self.assert_passes(pair, client_hello())
+        self.assert_fell_back(pair, tls=True)
+
+    def test_junk_after_a_request(self):
+        pair = self.pair('http')
+        self.assert_passes(pair, b'GET / HTTP/1.1\r\nHost: x\r\n\r\n'
+                                 b'\x16\x03\x01 junk')
+        self.assert_fell_back(pair)
+
+    def test_bad_method_byte(self):
+        pair = self.pair('http')
+        # a whole request line, its headers still to come: nginx refuses it
+        self.assert_passes(pair, b'G\x00T / HTTP/1.1\r\nHost: x\r\n')
+        self.assert_fell_back(pair)
+
+    def test_bad_bytes_in_a_line_so_far(self):
+        for data in (b'GE\x00', b'GET /a\x00', b'GET /a XTTP/1.1',
+                     b'GET /a HTTP/1.1 x',
+                     b'GET / HTTP/1.1\r\nHost: x\r\nX-Y\x00',
+                     b'GET / HTTP/1.1\r\nHost: x\r\nX Y: z'):
+            with self.subTest(data=data):
+                pair = self.pair('http')
+                self.assert_passes(pair, data)
+                self.assert_fell_back(pair)
+
+    def test_long_request_line(self):
+        # nginx answers 414 once 8192 bytes are there without their end
+        pair = self.pair('http')
+        self.assert_passes(pair, b'GET /' + b'a' * 10 * 1024)
+        self.assert_fell_back(pair)
+
+    def test_request_lines_up_to_the_limit_frame(self):
+        pair = self.pair('http')
+        line = b'GET /' + b'a' * (8192 - 16) + b' HTTP/1.1\r\n'
+        self.assertEqual(len(line), 8192)
+        self.assert_passes(pair, line + b'Host: x\r\n\r\n')
+        self.assert_passes(pair, b'HTTP/1.1 204 No Content\r\n\r\n',
+                           to_backend=False)
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(pair.server.exchange_counts['dummy'], 1)
+
+    def test_long_header_line(self):
+        pair = self.pair('http')
+        self.assert_passes(pair, b'GET / HTTP/1.1\r\nX-A: ' + b'a' * 9000)
+        self.assert_fell_back(pair)
+
+    def test_large_header_block(self):
+        # nginx refuses past its four 8 KB buffers
+        pair = self.pair('http')
+        self.assert_passes(pair, b'GET / HTTP/1.1\r\n' +
+                           (b'X-A: ' + b'a' * 4000 + b'\r\n') * 9)
+        self.assert_fell_back(pair)
+
+    def test_bad_status_line(self):
+        pair = self.pair('http')
+        self.assert_passes(pair, b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assert_passes(pair, b'\x00\xff not HTTP', to_backend=False)
+        self.assert_fell_back(pair)
+
+    def test_bad_chunk_size(self):
+        pair = self.pair('http')
+        self.assert_passes(pair, b'POST / HTTP/1.1\r\nHost: x\r\n'
+                                 b'Transfer-Encoding: chunked\r\n\r\nzz')
+        self.assert_fell_back(pair)
+
+
 if __name__ == '__main__':
     unittest.main()
