@@ -179,5 +179,62 @@ class HTTPTest(Case):
         self.assert_fell_back(pair)
 
 
+class RedisTest(Case):
+
+    def test_client_hello(self):
+        pair = self.pair('redis')
+        self.assert_passes(pair, client_hello())
+        self.assert_fell_back(pair, tls=True)
+
+    def test_bad_count(self):
+        # Redis answers "invalid multibulk length" once the CR comes
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*1x')
+        self.assert_fell_back(pair)
+
+    def test_count_of_too_many_digits(self):
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*' + b'1' * 30)
+        self.assert_fell_back(pair)
+
+    def test_bad_length(self):
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*2\r\n$x')
+        self.assert_fell_back(pair)
+
+    def test_argument_that_is_no_bulk_string(self):
+        # past the first three arguments too: Redis says "expected '$'"
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv'
+                                 b'\r\n:1')
+        self.assert_fell_back(pair)
+
+    def test_long_inline_command(self):
+        # Redis: "too big inline request" past 64 KB (as before)
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'SET k ' + b'v' * (64 * 1024))
+        self.assert_fell_back(pair)
+
+    def test_bad_reply(self):
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*1\r\n$4\r\nPING\r\n')
+        self.assert_passes(pair, b'\x00 not RESP', to_backend=False)
+        self.assert_fell_back(pair)
+
+    def test_bad_length_in_a_reply(self):
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\n')
+        self.assert_passes(pair, b'*2\r\n$3\r\nabc\r\n$x',
+                           to_backend=False)
+        self.assert_fell_back(pair)
+
+    def test_unknown_type_in_a_reply(self):
+        pair = self.pair('redis')
+        self.assert_passes(pair, b'*2\r\n$3\r\nGET\r\n$1\r\nk\r\n')
+        self.assert_passes(pair, b'*2\r\n$3\r\nabc\r\n\x16\x03\x01',
+                           to_backend=False)
+        self.assert_fell_back(pair)
+
+
 if __name__ == '__main__':
     unittest.main()
