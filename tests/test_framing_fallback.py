@@ -236,5 +236,36 @@ class RedisTest(Case):
         self.assert_fell_back(pair)
 
 
+class MemcacheTest(Case):
+
+    def test_client_hello(self):
+        pair = self.pair('memcache')
+        self.assert_passes(pair, client_hello())
+        self.assert_fell_back(pair, tls=True)
+
+    def test_long_command_line(self):
+        # memcached closes the connection past 2048 bytes without the end
+        pair = self.pair('memcache')
+        self.assert_passes(pair, b'set k 0 0 1 ' + b'9' * 3000)
+        self.assert_fell_back(pair)
+
+    def test_long_multiget_is_framed(self):
+        # ... but a get line may be long: memcached takes any number of keys
+        pair = self.pair('memcache')
+        line = b'get' + b' k' * 3000 + b'\r\n'
+        pair.client.sendall(line[:-2])
+        pair.client.sendall(line[-2:])
+        self.assertEqual(read_some(pair.backend, len(line), TIMEOUT), line)
+        self.assert_passes(pair, b'END\r\n', to_backend=False)
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(pair.server.exchange_counts['dummy'], 1)
+
+    def test_bad_reply(self):
+        pair = self.pair('memcache')
+        self.assert_passes(pair, b'get k\r\n')
+        self.assert_passes(pair, b'\x00junk', to_backend=False)
+        self.assert_fell_back(pair)
+
+
 if __name__ == '__main__':
     unittest.main()
