@@ -267,5 +267,41 @@ class MemcacheTest(Case):
         self.assert_fell_back(pair)
 
 
+class SMTPTest(Case):
+
+    def greeted(self):
+        pair = self.pair('smtp')
+        self.assert_passes(pair, b'220 mx ESMTP\r\n', to_backend=False)
+        return pair
+
+    def test_client_hello(self):
+        pair = self.pair('smtp')
+        self.assert_passes(pair, client_hello())
+        self.assert_fell_back(pair, tls=True)
+
+    def test_bad_command_byte(self):
+        pair = self.greeted()
+        self.assert_passes(pair, b'MA\x00IL')
+        self.assert_fell_back(pair)
+
+    def test_long_command_line(self):
+        # Postfix acts on the first 2048 bytes of a line
+        pair = self.greeted()
+        self.assert_passes(pair, b'MAIL FROM:<' + b'a' * 3000)
+        self.assert_fell_back(pair)
+
+    def test_bad_reply(self):
+        pair = self.pair('smtp')
+        self.assert_passes(pair, b'22x not a greeting', to_backend=False)
+        self.assert_fell_back(pair)
+
+    def test_tls_alert_from_the_server(self):
+        # a TLS server's answer to a plain client
+        pair = self.pair('smtp')
+        self.assert_passes(pair, b'\x15\x03\x03\x00\x02\x02\x46',
+                           to_backend=False)
+        self.assert_fell_back(pair, tls=True)
+
+
 if __name__ == '__main__':
     unittest.main()
