@@ -303,5 +303,13 @@ class SMTPTest(Case):
         self.assert_fell_back(pair, tls=True)
 
 
+class MySQLTest(Case):
+
+    def test_client_hello(self):
+        pair = self.pair('mysql')
+        self.assert_passes(pair, client_hello())
+        self.assert_fell_back(pair, tls=True)
+
+
 if __name__ == '__main__':
     unittest.main()
