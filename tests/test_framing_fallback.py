@@ -311,5 +311,119 @@ class MySQLTest(Case):
         self.assert_fell_back(pair, tls=True)
 
 
+# TLS end to end: a real TLS server, a real TLS client, the plugin between
+
+def make_certificate(folder):
+    """A self-signed certificate for localhost; skips without openssl."""
+    openssl = shutil.which('openssl')
+    if openssl is None:
+        raise unittest.SkipTest('missing: the openssl command (apt-get '
+                                'install openssl), to make a certificate')
+    cert = os.path.join(folder, 'cert.pem')
+    key = os.path.join(folder, 'key.pem')
+    result = subprocess.run(
+        [openssl, 'req', '-x509', '-newkey', 'ec', '-pkeyopt',
+         'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1',
+         '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost',
+         '-keyout', key, '-out', cert],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    if result.returncode != 0:
+        raise AssertionError('openssl req failed: %s' % result.stdout)
+    return cert, key
+
+
+class TLSTest(unittest.TestCase):
+    """An implicit-TLS server (SMTP on port 465 style, HTTPS) behind a
+    framed protocol: the handshake completes and data flows."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = tempfile.mkdtemp(prefix='vaurien-tls-')
+        try:
+            cls.cert, cls.key = make_certificate(cls.folder)
+        except BaseException:
+            shutil.rmtree(cls.folder, ignore_errors=True)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    def server(self, dialog):
+        """A TLS server running *dialog(tls_socket)* per connection."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+
+        def handler(server, conn):
+            with context.wrap_socket(conn, server_side=True) as tls:
+                dialog(tls)
+
+        server = support.ThreadedServer(handler).start()
+        self.addCleanup(server.stop)
+        return server
+
+    def client(self, protocol, server):
+        """A TLS client through the plugin (its handshake done), its socket
+        and the proxy's warnings."""
+        logs = Logs()
+        vaurien.logger.addHandler(logs)
+        self.addCleanup(vaurien.logger.removeHandler, logs)
+        proxy = support.Proxy(server.address, protocol=protocol)
+        proxy.__enter__()
+        self.addCleanup(proxy.__exit__)
+        sock = proxy.connect()
+        self.addCleanup(sock.close)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(self.cert)
+        tls = context.wrap_socket(sock, server_hostname='localhost')
+        self.addCleanup(tls.close)
+        return tls, logs
+
+    def check_log(self, logs, tls):
+        lines = [message for level, message in logs.lines]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn('speaks TLS', lines[0])
+        self.assertIn('%s:%d' % tls.getsockname()[:2], lines[0])
+
+    def test_smtp(self):
+        def dialog(tls):
+            tls.sendall(b'220 tls.example ESMTP\r\n')
+            reader = tls.makefile('rb')
+            line = reader.readline()
+            tls.sendall(b'250 hello ' + line.split()[1] + b'\r\n')
+            reader.readline()
+            tls.sendall(b'221 bye\r\n')
+
+        tls, logs = self.client('smtp', self.server(dialog))
+        self.assertTrue(tls.version().startswith('TLS'))
+        reader = tls.makefile('rb')
+        self.assertEqual(reader.readline(), b'220 tls.example ESMTP\r\n')
+        tls.sendall(b'EHLO me\r\n')
+        self.assertEqual(reader.readline(), b'250 hello me\r\n')
+        tls.sendall(b'QUIT\r\n')
+        self.assertEqual(reader.readline(), b'221 bye\r\n')
+        self.check_log(logs, tls)
+
+    def test_http(self):
+        body = b'over TLS\n' * 1000
+
+        def dialog(tls):
+            reader = tls.makefile('rb')
+            while reader.readline() not in (b'\r\n', b''):
+                pass
+            tls.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s'
+                        % (len(body), body))
+
+        tls, logs = self.client('http', self.server(dialog))
+        tls.sendall(b'GET / HTTP/1.1\r\nHost: localhost\r\n\r\n')
+        reader = tls.makefile('rb')
+        self.assertEqual(reader.readline(), b'HTTP/1.1 200 OK\r\n')
+        self.assertEqual(reader.readline(),
+                         b'Content-Length: %d\r\n' % len(body))
+        self.assertEqual(reader.readline(), b'\r\n')
+        self.assertEqual(reader.read(len(body)), body)
+        self.check_log(logs, tls)
+
+
 if __name__ == '__main__':
     unittest.main()
