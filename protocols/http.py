@@ -39,9 +39,14 @@ _VERSION = b'HTTP/1.'
 
 # RFC 9112's request line as far as it has come: a method (a token), a
 # target (no space, no control byte) and the version, one of them at least
-_REQUEST_LINE = re.compile(
-    br"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-    br'(?:[ \t]+(?:[^\x00-\x20\x7f]+(?:[ \t]+([^\x00-\x20\x7f]*))?)?)?')
+_METHOD = br"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_TARGET = br'[^\x00-\x20\x7f]+'
+_REQUEST_LINE = re.compile(_METHOD + br'(?:[ \t]+(?:' + _TARGET +
+                           br'(?:[ \t]+([^\x00-\x20\x7f]*))?)?)?')
+# and a whole one (the quick way for the usual case)
+_WHOLE_REQUEST_LINE = re.compile(
+    _METHOD + br'[ \t]+' + _TARGET + br'[ \t]+HTTP/1\.[0-9]\r?\n')
+_WHOLE_STATUS_LINE = re.compile(br'HTTP/1\.[0-9] [0-9]{3}[ \r\n]')
 # a header line as far as it has come: a name (neither space nor control
 # byte, nginx refuses both at once) and its value (no NUL, nor that), a
 # folded line, or the blank line that ends the block
@@ -107,6 +112,8 @@ def _read_headers(line_limit=MAX_LINE, limit=MAX_HEADERS, size=0):
             raise FramingError('a header block over %d bytes' % limit)
         line = yield (read if room >= line_limit else
                       (LINE, room, False, _header_line))
+        # the whole line by the same rule: a name, neither space nor control
+        # byte in it, its colon, a value
         if _HEADER_LINE.fullmatch(line) is None:
             raise cannot_start('a header line', line)
         lines.append(line)
@@ -118,10 +125,8 @@ def _read_headers(line_limit=MAX_LINE, limit=MAX_HEADERS, size=0):
                 raise FramingError('a folded line before any header')
             headers[name][-1] += b' ' + line.strip()
             continue
-        name, sep, value = line.partition(b':')
-        name = name.strip().lower()
-        if not sep or not name or b' ' in name:
-            raise FramingError('malformed header line %r' % line[:60])
+        name, _, value = line.partition(b':')
+        name = name.lower()
         headers.setdefault(name, []).append(value.strip())
 
 
@@ -192,13 +197,12 @@ class HTTP(FramedProtocol):
     def parse_requests(self):
         while True:
             line = yield (LINE, MAX_REQUEST_LINE, False, _request_line)
-            _request_line(line)
+            if _WHOLE_REQUEST_LINE.fullmatch(line) is None:
+                _request_line(line)         # a blank line, or it raises
             if line in _BLANK:
                 yield (FLUSH,)      # tolerated between requests
                 continue
             parts = line.split()
-            if len(parts) != 3 or not parts[2].startswith(b'HTTP/1.'):
-                raise cannot_start('an HTTP/1.x request line', line)
             method, version = parts[0].upper(), parts[2]
             headers, lines = yield from _read_headers(
                 MAX_REQUEST_LINE, MAX_REQUEST_HEAD, len(line))
@@ -248,11 +252,9 @@ class HTTP(FramedProtocol):
         while True:
             yield (PEEK, 1)
             line = yield (LINE, MAX_LINE, False, _status_line)
-            _status_line(line)
-            parts = line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b'HTTP/1.'):
+            if _WHOLE_STATUS_LINE.match(line) is None:
                 raise cannot_start('an HTTP/1.x status line', line)
-            status = number(parts[1], 'status code', 100, 999)
+            status = number(line[9:12], 'status code', 100, 999)
             headers, _ = yield from _read_headers()
             request = self.awaited() or {}
             method = request.get('method')
