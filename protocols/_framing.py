@@ -22,9 +22,17 @@ never held whole in memory, only lines and small headers are.
 - when a parser meets something it cannot frame, the connection falls back
   to plain pass-through for good, with one warning line, and no byte is
   lost.
+
+A parser never sits on bytes it cannot frame: a line is checked as it
+arrives (the ``check`` of a LINE instruction), so that bytes that can no
+longer start a valid message (a TLS ClientHello on a plain port, a bad
+method byte) make it fall back at once, and a line may be no longer than
+what the real servers accept before they refuse it.  Waiting for the end of
+such a line would stall a client that the server itself answers at once.
 """
 
 import collections
+import re
 import socket
 
 import vaurien
@@ -33,7 +41,11 @@ from vaurien import BaseProtocol, HANDLED
 
 # Instructions a parsing generator yields (tuples whose first item is one
 # of these); what the generator gets back is noted after each.
-LINE = 'line'       # (LINE, limit, emit=True) -> the line, with its b'\n'
+LINE = 'line'       # (LINE, limit, emit=True, check=None) -> the line,
+                    #   with its b'\n'; while its end is not there,
+                    #   check(the line so far) raises FramingError when
+                    #   it can no longer become a line the parser takes
+                    #   (a whole line is the generator's to judge)
 READ = 'read'       # (READ, n, emit=True) -> exactly n bytes
 PEEK = 'peek'       # (PEEK, n) -> up to n bytes, not consumed (fewer at EOF)
 SKIP = 'skip'       # (SKIP, n) -> None once n bytes were passed on
@@ -126,6 +138,14 @@ class StreamParser(object):
         self.events.append(('error', reason))
         self.finished = True
 
+    def _failed(self, exc):
+        """Fail on *exc*: a FramingError, or a parser bug or a value it
+        chokes on (named by its type)."""
+        if isinstance(exc, FramingError):
+            self._fail(str(exc))
+        else:
+            self._fail('%s: %s' % (type(exc).__name__, exc))
+
     def _step(self):
         """Carry out (part of) one instruction; False when stuck."""
         if self._resume:
@@ -138,11 +158,8 @@ class StreamParser(object):
                 self.events.append(('pass', 'end of what the parser knows'))
                 self.finished = True
                 return True
-            except FramingError as exc:
-                self._fail(str(exc))
-                return True
-            except Exception as exc:    # a parser bug or a value it chokes on
-                self._fail('%s: %s' % (type(exc).__name__, exc))
+            except Exception as exc:
+                self._failed(exc)
                 return True
         instr = self._instr
         kind = instr[0]
@@ -153,8 +170,15 @@ class StreamParser(object):
             limit = instr[1]
             index = buf.find(b'\n', pos, pos + limit)
             if index < 0:
+                # the check first: it names the trouble better
+                if len(instr) > 3 and instr[3] is not None and avail:
+                    try:
+                        instr[3](bytes(buf[pos:pos + limit]))
+                    except Exception as exc:
+                        self._failed(exc)
+                        return True
                 if avail >= limit:
-                    self._fail('a line longer than %d bytes' % limit)
+                    self._fail('no end of line within %d bytes' % limit)
                     return True
                 return False
             value = bytes(buf[pos:index + 1])
@@ -180,11 +204,8 @@ class StreamParser(object):
         if kind == SCAN:
             try:
                 newpos, done, result = instr[1](buf, pos)
-            except FramingError as exc:
-                self._fail(str(exc))
-                return True
             except Exception as exc:
-                self._fail('%s: %s' % (type(exc).__name__, exc))
+                self._failed(exc)
                 return True
             if newpos > pos:
                 self._take(bytes(buf[pos:newpos]), True)
@@ -254,6 +275,78 @@ def number(text, what='number', low=0, high=None):
     if value < low or (high is not None and value > high):
         raise FramingError('%s %d out of range' % (what, value))
     return value
+
+
+#: the bytes a TLS stream starts with: a record of type handshake (22) or
+#: alert (21), protocol version 3.x (SSL 3.0 to TLS 1.3)
+_TLS_TYPES = {22: 'handshake', 21: 'alert'}
+_TLS_HANDSHAKES = {1: 'ClientHello', 2: 'ServerHello'}
+#: printable ASCII (a regular expression's class): what the first word of
+#: a text protocol's line is made of
+PRINTABLE = br'\x21-\x7e'
+
+
+def tls_hint(data):
+    """A few words naming the TLS record that *data* (the first bytes of a
+    message) starts, e.g. ``'a TLS ClientHello'``, or None when it does
+    not look like TLS.  Three bytes are enough to tell."""
+    if len(data) < 3 or data[0] not in _TLS_TYPES or data[1] != 3 or \
+            data[2] > 4:
+        return None
+    if data[0] == 21:
+        return 'a TLS alert'
+    if len(data) > 5 and data[5] in _TLS_HANDSHAKES:
+        return 'a TLS ' + _TLS_HANDSHAKES[data[5]]
+    return 'a TLS handshake'
+
+
+def cannot_start(what, data):
+    """The FramingError for bytes *data* that cannot start *what* (e.g.
+    ``'an HTTP/1.x request line'``); it says so when they are TLS (a TLS
+    client or server on a plain port: encrypted bytes, nothing to frame)."""
+    hint = tls_hint(data)
+    if hint:
+        return FramingError('%s, not %s: this connection speaks TLS'
+                            % (hint, what))
+    return FramingError('not %s: %r' % (what, bytes(data[:60])))
+
+
+def refuse(what):
+    """A SCAN function that fails on the bytes there: they cannot start
+    *what*.  It sees every byte received so far, enough to tell TLS."""
+    def scan(buf, pos):
+        raise cannot_start(what, buf[pos:pos + 60])
+    return scan
+
+
+def word_check(what, allowed=PRINTABLE):
+    """A LINE check for text protocols: after spaces or tabs, the line
+    starts with a word of *allowed* bytes (a regular expression's class),
+    ended by a space, a tab or the line's end.  A command that starts
+    otherwise (a control byte, binary data, TLS) cannot be one."""
+    match = re.compile(br'[ \t]*[%s]*(?:[ \t\r\n]|\Z)' % allowed).match
+
+    def check(line):
+        if match(line) is None:
+            raise cannot_start(what, line)
+    return check
+
+
+def template_check(what, template):
+    """A LINE check: the line's first bytes fit *template*, a sequence of
+    regular expressions of one byte each (e.g. three ``[0-9]`` and
+    ``[- \\r\\n]``), as far as the line goes."""
+    pattern = b''
+    for atom in reversed(template):
+        pattern = atom + (b'(?:%s)?' % pattern if pattern else b'')
+    match = re.compile(pattern).match
+    size = len(template)
+
+    def check(line):
+        found = match(line)
+        if found is None or found.end() < min(len(line), size):
+            raise cannot_start(what, line)
+    return check
 
 
 class FramedProtocol(BaseProtocol):

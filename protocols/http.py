@@ -6,11 +6,23 @@ chunked bodies with trailers, HEAD, 1xx interim responses (100-continue),
 (Upgrade) or a successful CONNECT the connection is plain pass-through.
 """
 
+import re
+
 import vaurien
 
 from ._framing import (ALL, END, LINE, PASS, PEEK, REPLACE, SKIP, START,
-                       FLUSH, FramedProtocol, FramingError, number)
+                       FLUSH, FramedProtocol, FramingError, cannot_start,
+                       number, template_check)
 
+# Requests: no line is held longer than the servers in front of which the
+# proxy sits take it.  nginx (large_client_header_buffers 4 8k) answers 414
+# as soon as 8192 bytes of a request line are there without their end, 400
+# for a header line, and 400 past four such buffers; Apache's
+# LimitRequestLine and LimitRequestFieldSize are 8190 bytes and CRLF.
+MAX_REQUEST_LINE = 8 * 1024
+MAX_REQUEST_HEAD = 32 * 1024    # the request line and its headers
+# Responses: clients take more (Python's http.client 64 KB a line, curl
+# 100 KB); a longer one makes the proxy pass the connection through.
 MAX_LINE = 16 * 1024
 MAX_HEADERS = 64 * 1024
 
@@ -22,22 +34,90 @@ REASONS = {
     504: 'Gateway Timeout', 507: 'Insufficient Storage',
 }
 _BLANK = (b'\r\n', b'\n')
+_ENDS = (b'', b'\r', b'\r\n', b'\n')
+_VERSION = b'HTTP/1.'
+
+# RFC 9112's request line as far as it has come: a method (a token), a
+# target (no space, no control byte) and the version, one of them at least
+_METHOD = br"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_TARGET = br'[^\x00-\x20\x7f]+'
+_REQUEST_LINE = re.compile(_METHOD + br'(?:[ \t]+(?:' + _TARGET +
+                           br'(?:[ \t]+([^\x00-\x20\x7f]*))?)?)?')
+# and a whole one (the quick way for the usual case)
+_WHOLE_REQUEST_LINE = re.compile(
+    _METHOD + br'[ \t]+' + _TARGET + br'[ \t]+HTTP/1\.[0-9]\r?\n')
+_WHOLE_STATUS_LINE = re.compile(br'HTTP/1\.[0-9] [0-9]{3}[ \r\n]')
+# a header line as far as it has come: a name (neither space nor control
+# byte, nginx refuses both at once) and its value (no NUL, nor that), a
+# folded line, or the blank line that ends the block
+_HEADER_LINE = re.compile(
+    br'[^\x00-\x20\x7f:]+(?::[^\x00]*)?|[ \t][^\x00]*|\r\n?|\n|')
+_CHUNK_LINE = re.compile(br'[0-9A-Fa-f]+[ \t]*(?:;[^\x00\n]*)?')
+
+_status_line = template_check('an HTTP/1.x status line', [
+    b'H', b'T', b'T', b'P', b'/', b'1', br'\.', b'[0-9]', b' ', b'[0-9]',
+    b'[0-9]', b'[0-9]', b'[ \r\n]'])
 
 
-def _read_headers():
+def _request_line(line):
+    """The LINE check of a request line (or of the blank lines tolerated
+    between requests)."""
+    if line in _ENDS:
+        return
+    match = _REQUEST_LINE.match(line)
+    if match is not None and line[match.end():] in _ENDS:
+        version = match.group(1)
+        ended = match.end() < len(line)     # its CR or LF is there
+        if version is None:
+            if not ended:
+                return
+        elif ended or len(version) >= 8:
+            if len(version) == 8 and version.startswith(_VERSION) and \
+                    version[7:].isdigit():
+                return
+        elif _VERSION.startswith(version):
+            return
+    raise cannot_start('an HTTP/1.x request line', line)
+
+
+def _header_line(line):
+    """The LINE check of a header line."""
+    if _HEADER_LINE.fullmatch(line) is None:
+        raise cannot_start('a header line', line)
+
+
+def _chunk_line(line):
+    match = _CHUNK_LINE.match(line)
+    if match is None or line[match.end():] not in _ENDS:
+        raise cannot_start('a chunk size line', line)
+
+
+def _crlf(line):
+    if line not in _ENDS:
+        raise FramingError('a chunk without its CRLF')
+
+
+def _read_headers(line_limit=MAX_LINE, limit=MAX_HEADERS, size=0):
     """Reads the header block (held, not emitted); returns
     ``(headers, lines)``: ``{lowercase name: [values]}`` and the raw
-    lines, the blank one included."""
+    lines, the blank one included.  The block may take *limit* bytes with
+    the *size* bytes read before it."""
     headers = {}
     lines = []
-    size = 0
     name = None
+    read = (LINE, line_limit, False, _header_line)
     while True:
-        line = yield (LINE, MAX_LINE, False)
+        room = limit - size
+        if room <= 0:
+            raise FramingError('a header block over %d bytes' % limit)
+        line = yield (read if room >= line_limit else
+                      (LINE, room, False, _header_line))
+        # the whole line by the same rule: a name, neither space nor control
+        # byte in it, its colon, a value
+        if _HEADER_LINE.fullmatch(line) is None:
+            raise cannot_start('a header line', line)
         lines.append(line)
         size += len(line)
-        if size > MAX_HEADERS:
-            raise FramingError('a header block over %d bytes' % MAX_HEADERS)
         if line in _BLANK:
             return headers, lines
         if line[:1] in (b' ', b'\t'):
@@ -45,10 +125,8 @@ def _read_headers():
                 raise FramingError('a folded line before any header')
             headers[name][-1] += b' ' + line.strip()
             continue
-        name, sep, value = line.partition(b':')
-        name = name.strip().lower()
-        if not sep or not name or b' ' in name:
-            raise FramingError('malformed header line %r' % line[:60])
+        name, _, value = line.partition(b':')
+        name = name.lower()
         headers.setdefault(name, []).append(value.strip())
 
 
@@ -70,10 +148,10 @@ def _content_length(headers):
     return values.pop() if values else None
 
 
-def _chunked():
+def _chunked(line_limit=MAX_LINE):
     """Passes a chunked body and its trailers on."""
     while True:
-        line = yield (LINE, MAX_LINE)
+        line = yield (LINE, line_limit, True, _chunk_line)
         size_text = line.split(b';', 1)[0].strip()
         try:
             size = int(size_text, 16)
@@ -84,11 +162,10 @@ def _chunked():
         if size == 0:
             break
         yield (SKIP, size)
-        end = yield (LINE, 8)
-        if end not in _BLANK:
-            raise FramingError('a chunk without its CRLF')
+        end = yield (LINE, 8, True, _crlf)
+        _crlf(end)
     while True:                             # trailers
-        line = yield (LINE, MAX_LINE)
+        line = yield (LINE, line_limit, True, _header_line)
         if line in _BLANK:
             return
 
@@ -119,16 +196,16 @@ class HTTP(FramedProtocol):
 
     def parse_requests(self):
         while True:
-            line = yield (LINE, MAX_LINE, False)
+            line = yield (LINE, MAX_REQUEST_LINE, False, _request_line)
+            if _WHOLE_REQUEST_LINE.fullmatch(line) is None:
+                _request_line(line)         # a blank line, or it raises
             if line in _BLANK:
                 yield (FLUSH,)      # tolerated between requests
                 continue
             parts = line.split()
-            if len(parts) != 3 or not parts[2].startswith(b'HTTP/1.'):
-                raise FramingError('not an HTTP/1.x request line: %r'
-                                   % line[:60])
             method, version = parts[0].upper(), parts[2]
-            headers, lines = yield from _read_headers()
+            headers, lines = yield from _read_headers(
+                MAX_REQUEST_LINE, MAX_REQUEST_HEAD, len(line))
             connection = _tokens(headers, b'connection')
             info = {
                 'method': method,
@@ -144,7 +221,7 @@ class HTTP(FramedProtocol):
             if codings:
                 if codings[-1] != b'chunked':
                     raise FramingError('a request body with no length')
-                yield from _chunked()
+                yield from _chunked(MAX_REQUEST_LINE)
             else:
                 length = _content_length(headers)
                 if length:
@@ -174,12 +251,10 @@ class HTTP(FramedProtocol):
     def parse_responses(self):
         while True:
             yield (PEEK, 1)
-            line = yield (LINE, MAX_LINE, False)
-            parts = line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b'HTTP/1.'):
-                raise FramingError('not an HTTP/1.x status line: %r'
-                                   % line[:60])
-            status = number(parts[1], 'status code', 100, 999)
+            line = yield (LINE, MAX_LINE, False, _status_line)
+            if _WHOLE_STATUS_LINE.match(line) is None:
+                raise cannot_start('an HTTP/1.x status line', line)
+            status = number(line[9:12], 'status code', 100, 999)
             headers, _ = yield from _read_headers()
             request = self.awaited() or {}
             method = request.get('method')

@@ -14,9 +14,14 @@ requests (the behaviors still apply per request).
 import vaurien
 
 from ._framing import (END, LINE, PASS, PEEK, READ, SKIP, START,
-                       FramedProtocol, FramingError, number)
+                       FramedProtocol, FramingError, number, word_check)
 
+# memcached closes a connection as soon as 2048 bytes of a command line are
+# there without its end, unless the line is a get or gets (of any number
+# of keys, after at most 100 spaces: try_read_command_ascii); those, and
+# the replies, are held up to 64 KB.
 MAX_LINE = 64 * 1024
+MAX_COMMAND = 2048
 MAX_VALUE = 1024 * 1024 * 1024
 
 _STORAGE = frozenset([b'set', b'add', b'replace', b'append', b'prepend',
@@ -25,6 +30,23 @@ _NOREPLY = frozenset([b'incr', b'decr', b'delete', b'touch', b'flush_all',
                       b'verbosity', b'cache_memlimit'])
 _META = frozenset([b'mg', b'ms', b'md', b'ma', b'mn', b'me'])
 _LISTS = (b'STAT ', b'ITEM ', b'PREFIX ')
+_MULTIGET = (b'get ', b'gets ')
+
+#: a command's name is printable ASCII (memcached answers ERROR to
+#: anything else, a TLS ClientHello included)
+_command_word = word_check('a memcached command')
+#: a reply starts with an upper-case word (STORED, VALUE, CLIENT_ERROR, HD,
+#: ...) or a number (incr, decr)
+_reply_line = word_check('a memcached reply', b'A-Z0-9_')
+
+
+def _command_line(line):
+    _command_word(line)
+    if len(line) > MAX_COMMAND and not line.endswith(b'\n'):
+        start = line.lstrip(b' ')
+        if len(line) - len(start) > 100 or not start.startswith(_MULTIGET):
+            raise FramingError('a command line over %d bytes, which '
+                               'memcached refuses' % MAX_COMMAND)
 
 
 class Memcache(FramedProtocol):
@@ -45,7 +67,8 @@ class Memcache(FramedProtocol):
         if first[:1] == b'\x80':
             yield (PASS, 'binary protocol')
         while True:
-            line = yield (LINE, MAX_LINE, False)
+            line = yield (LINE, MAX_LINE, False, _command_line)
+            _command_word(line)
             words = line.split()
             command = words[0].lower() if words else b''
             info = {'cmd': command, 'replies': 1}
@@ -97,7 +120,8 @@ class Memcache(FramedProtocol):
         while True:
             yield (PEEK, 1)
             request = self.awaited() or {}
-            line = yield (LINE, MAX_LINE, False)
+            line = yield (LINE, MAX_LINE, False, _reply_line)
+            _reply_line(line)
             if request.get('barrier') and not line.startswith(b'MN'):
                 start = {'push': True}      # a quiet command's answer
             else:
@@ -125,7 +149,8 @@ class Memcache(FramedProtocol):
                     if not line.endswith(b'\n') or not line.strip():
                         raise FramingError('malformed reply %r' % line[:40])
                     break
-                line = yield (LINE, MAX_LINE)
+                line = yield (LINE, MAX_LINE, True, _reply_line)
+                _reply_line(line)
             yield (END, start)
 
     # the error behavior

@@ -13,8 +13,8 @@ replication commands), the connection is plain pass-through.
 
 import vaurien
 
-from ._framing import (END, PASS, PEEK, READ, SKIP, START, FramedProtocol,
-                       FramingError)
+from ._framing import (END, PASS, PEEK, READ, SCAN, SKIP, START,
+                       FramedProtocol, FramingError, refuse)
 
 CLIENT_PROTOCOL_41 = 0x200
 CLIENT_SSL = 0x800
@@ -128,10 +128,11 @@ class MySQL(FramedProtocol):
     # requests
 
     def parse_requests(self):
-        header = yield (READ, 4)
+        header = yield (PEEK, 4)
+        if len(header) < 4 or _length(header) > 65536 or header[3] != 1:
+            yield (SCAN, refuse('a MySQL handshake response'))
+        yield (READ, 4)
         length = _length(header)
-        if length > 65536 or header[3] != 1:
-            raise FramingError('not a MySQL handshake response')
         head = yield (READ, min(length, 32))
         if len(head) < 4:
             raise FramingError('a handshake response of %d bytes' % length)
@@ -170,7 +171,7 @@ class MySQL(FramedProtocol):
     def parse_responses(self):
         header = yield (PEEK, 4)
         if len(header) < 4 or _length(header) > 4096 or header[3] != 0:
-            raise FramingError('not a MySQL greeting')
+            yield (SCAN, refuse('a MySQL greeting'))
         yield (START, {'push': True})
         head, _, _ = yield from _packet(256)
         yield (END, {'push': True})

@@ -7,11 +7,16 @@ on as they arrive.  Push messages (RESP3 ``>``, and in RESP2 everything
 after SUBSCRIBE or MONITOR) flow without a request.
 """
 
+import re
+
 import vaurien
 
 from ._framing import (FLUSH, END, LINE, PASS, PEEK, READ, SCAN, SKIP, START,
-                       FramedProtocol, FramingError)
+                       FramedProtocol, FramingError, cannot_start, refuse,
+                       word_check)
 
+# Redis refuses an inline command, or the line of a count or a length, as
+# soon as 64 KB of it are there without its end (PROTO_INLINE_MAX_SIZE).
 MAX_LINE = 64 * 1024
 #: bytes of an argument kept to know the command (longer ones stream)
 SMALL = 512
@@ -19,9 +24,33 @@ SMALL = 512
 _SIMPLE = frozenset(b'+-:_,#(')
 _BLOB = frozenset(b'$!=')
 _AGGREGATE = frozenset(b'*~>%|')
+_TYPES = _SIMPLE | _BLOB | _AGGREGATE
+#: the types whose line is a count or a length (or ``?``: streamed)
+_SIZED = frozenset(b'$!=*~>%|;')
+#: such a line as far as it has come (a 64-bit number has 19 digits)
+_SIZE = re.compile(br'(?:-?[0-9]{0,19}|\?)\r?\Z')
+# A command's count and lengths: Redis answers "invalid multibulk length"
+# or "expected '$'" to anything else
+_COUNT = re.compile(br'\*-?[0-9]{0,19}(?:\r\n?)?\Z')
+_LENGTH = re.compile(br'\$-?[0-9]{0,19}(?:\r\n?)?\Z')
 _SUBSCRIBE = frozenset([b'SUBSCRIBE', b'PSUBSCRIBE', b'SSUBSCRIBE',
                         b'UNSUBSCRIBE', b'PUNSUBSCRIBE', b'SUNSUBSCRIBE'])
 _UNSUBSCRIBED = frozenset([b'unsubscribe', b'punsubscribe', b'sunsubscribe'])
+
+
+def _count_line(line):
+    if _COUNT.match(line) is None:
+        raise cannot_start('the argument count of a Redis command', line)
+
+
+def _length_line(line):
+    if _LENGTH.match(line) is None:
+        raise cannot_start('the length of a Redis command argument', line)
+
+
+#: an inline command: its name is printable ASCII (Redis would answer
+#: "unknown command" to anything else, as to a TLS ClientHello)
+_inline_line = word_check('a Redis command')
 
 
 def _int(text, what):
@@ -35,10 +64,12 @@ def _int(text, what):
 class ValueScanner(object):
     """Passes *count* whole RESP values on (a SCAN function), streaming the
     payload of large strings.  With *record*, keeps up to that many of the
-    first bytes in ``head``."""
+    first bytes in ``head``.  With *bulk_only*, the values are a command's
+    arguments: bulk strings, nothing else."""
 
-    def __init__(self, count=1, record=0):
+    def __init__(self, count=1, record=0, bulk_only=False):
         self.stack = [count]
+        self.bulk_only = bulk_only
         self.bulk = 0           # payload bytes left of a string
         self.crlf = False       # the string's CRLF is still to check
         self.chunked = False    # inside a streamed string ($?)
@@ -86,18 +117,30 @@ class ValueScanner(object):
                 continue
             if pos >= end:
                 return pos
-            index = buf.find(b'\r\n', pos, pos + MAX_LINE)
-            if index < 0:
-                if end - pos >= MAX_LINE:
-                    raise FramingError('a line longer than %d bytes'
-                                       % MAX_LINE)
-                return pos
             kind = buf[pos]
-            arg = buf[pos + 1:index]
-            line_end = index + 2
+            # the type tells at once whether the bytes can be RESP
             if self.chunked:
                 if kind != 59:      # ';'
                     raise FramingError('malformed streamed string')
+            elif self.bulk_only:
+                if kind != 36:      # '$'
+                    raise cannot_start('a bulk string argument',
+                                       buf[pos:pos + 60])
+            elif kind not in _TYPES and not (kind == 46 and stack[-1] < 0):
+                raise cannot_start('a RESP value', buf[pos:pos + 60])
+            index = buf.find(b'\r\n', pos, pos + MAX_LINE)
+            if index < 0:
+                if kind in _SIZED and _SIZE.match(
+                        buf, pos + 1, min(end, pos + 24)) is None:
+                    raise FramingError('malformed length %r' % bytes(
+                        buf[pos:pos + 40]))
+                if end - pos >= MAX_LINE:
+                    raise FramingError('no end of line within %d bytes'
+                                       % MAX_LINE)
+                return pos
+            arg = buf[pos + 1:index]
+            line_end = index + 2
+            if self.chunked:
                 size = _int(arg, 'chunk size')
                 pos = line_end
                 if size < 0:
@@ -115,7 +158,7 @@ class ValueScanner(object):
                 if self._complete():
                     return pos
             elif kind in _BLOB:
-                if arg == b'?':
+                if arg == b'?' and not self.bulk_only:
                     self.chunked = True
                     continue
                 size = _int(arg, 'string length')
@@ -216,7 +259,7 @@ class Redis(FramedProtocol):
         while True:
             first = yield (PEEK, 1)
             if first == b'*':
-                line = yield (LINE, MAX_LINE, False)
+                line = yield (LINE, MAX_LINE, False, _count_line)
                 if not line.endswith(b'\r\n'):
                     raise FramingError('a command line without CRLF')
                 count = _int(line[1:-2], 'argument count')
@@ -229,7 +272,7 @@ class Redis(FramedProtocol):
                 left = count
                 streaming = 0
                 while left and len(args) < 3:
-                    header = yield (LINE, MAX_LINE, False)
+                    header = yield (LINE, MAX_LINE, False, _length_line)
                     if header[:1] != b'$' or not header.endswith(b'\r\n'):
                         raise FramingError('an argument that is no bulk '
                                            'string: %r' % header[:40])
@@ -258,16 +301,17 @@ class Redis(FramedProtocol):
                     if check != b'\r\n':
                         raise FramingError('an argument without its CRLF')
                 if left:
-                    yield (SCAN, ValueScanner(left))
+                    yield (SCAN, ValueScanner(left, bulk_only=True))
                 yield (END, info)
             else:
-                line = yield (LINE, MAX_LINE, False)
+                if first in b'$:+-':        # a reply, not a command
+                    yield (SCAN, refuse('a Redis command'))
+                line = yield (LINE, MAX_LINE, False, _inline_line)
+                _inline_line(line)
                 words = line.split()
                 if not words:
                     yield (FLUSH,)          # an empty line: no reply
                     continue
-                if first in b'$:+-':
-                    raise FramingError('not a command: %r' % line[:40])
                 info = self._command(words[:3])
                 if info is None:
                     yield (PASS, 'replication stream')
@@ -336,7 +380,7 @@ class Redis(FramedProtocol):
                     self._after_push(decode_small(scanner.head))
                 continue
             if first not in b'+-:$*_,#!=(%~|':
-                raise FramingError('not a RESP reply: %r' % first)
+                yield (SCAN, refuse('a RESP reply'))
             record = 4096 if info and (info.get('enter_push') or
                                        info.get('hello')) else 0
             scanner = ValueScanner(1, record=record)

@@ -9,9 +9,14 @@ connection is plain pass-through.
 import vaurien
 
 from ._framing import (END, LINE, PASS, PEEK, SCAN, SKIP, START,
-                       FramedProtocol, FramingError, number)
+                       FramedProtocol, FramingError, number, template_check,
+                       word_check)
 
-MAX_LINE = 64 * 1024
+# Commands and replies: RFC 5321 allows 512 bytes; Postfix takes a command
+# as soon as 2048 bytes of it are there (line_length_limit) and answers
+# what follows as another one, aiosmtpd refuses lines over 512 bytes.  A
+# longer line makes the proxy pass the connection through.
+MAX_LINE = 2048
 
 _TEXTS = {
     421: '4.3.2 Service not available, closing transmission channel',
@@ -21,6 +26,13 @@ _TEXTS = {
     550: '5.7.1 Requested action not taken: mailbox unavailable',
     554: '5.3.0 Transaction failed',
 }
+
+
+#: a command's verb (or an AUTH exchange's base64 line) is printable ASCII
+_command_line = word_check('an SMTP command')
+#: a reply line: three digits, then a space, a dash or its end
+_reply_line = template_check('an SMTP reply line', (
+    b'[0-9]', b'[0-9]', b'[0-9]', b'[- \r\n]'))
 
 
 class MessageScanner(object):
@@ -66,7 +78,8 @@ class SMTP(FramedProtocol):
                 yield (SCAN, MessageScanner())
                 yield (END, info)
                 continue
-            line = yield (LINE, MAX_LINE, False)
+            line = yield (LINE, MAX_LINE, False, _command_line)
+            _command_line(line)
             words = line.split()
             verb = words[0].upper() if words else b''
             info = {'cmd': verb, 'replies': 1}
@@ -88,7 +101,8 @@ class SMTP(FramedProtocol):
             greeting = False
             yield (START, start)
             while True:
-                line = yield (LINE, MAX_LINE)
+                line = yield (LINE, MAX_LINE, True, _reply_line)
+                _reply_line(line)
                 code = line[:3]
                 if not code.isdigit() or line[3:4] not in (b'-', b' ', b'\r',
                                                             b'\n'):
