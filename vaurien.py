@@ -1241,6 +1241,7 @@ class Side(object):
         self.ended = False              # its stream ended (or its FIN came)
         self.lost = False               # a write failed, or it was reset
         self.density = 0.0              # pieces per byte stream behaviors cut
+        self.reads = 0                  # recv calls: a poll's news goes stale
 
     @property
     def side(self):
@@ -1278,6 +1279,7 @@ class Side(object):
     def recv(self, size, flags=0):
         """The socket's recv, where a reset reads as the end of the stream
         (``b''``): the connection passes the reset on (see lose())."""
+        self.reads += 1
         try:
             data = self.sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
@@ -2014,8 +2016,8 @@ class Connection(object):
 
     def _loop(self, protocol):
         duplex = self.duplex
-        poller, client = duplex.poller, self.client
-        sides = {client.fd: client, self.backend.fd: self.backend}
+        poller, client, backend = duplex.poller, self.client, self.backend
+        sides = {client.fd: client, backend.fd: backend}
         idle = self.server.idle_timeout
         while duplex.busy() and not self.aborted:
             timeout, timer = idle, False
@@ -2038,6 +2040,10 @@ class Connection(object):
                                 self.describe(), idle)
                     return
                 continue
+            # a step may read the other socket too (a hook, a framed
+            # protocol relaying earlier answers): then what the poll said
+            # of that one is stale, and reading it again could block
+            client_reads, backend_reads = client.reads, backend.reads
             for fd, flags in events:
                 side = sides.get(fd)
                 if side is None:
@@ -2046,7 +2052,9 @@ class Connection(object):
                     # (a socket watched for POLLOUT alone reports its
                     # errors as POLLERR/POLLHUP: flushing finds them)
                     _guarded(self, side.flush)
-                if not flags & _NOT_POLLOUT or not side.reading:
+                if not flags & _NOT_POLLOUT or not side.reading or (
+                        side.reads != (client_reads if side is client
+                                       else backend_reads)):
                     continue
                 if side.held and not flags & (_POLLHUP | _POLLERR):
                     # not read while what it feeds is full: only its end

@@ -272,6 +272,51 @@ class StuckBackendTest(unittest.TestCase):
         self.assertEqual(answer, '%s %d' % (_digest(8), 8 << 20))
 
 
+class Stale(vaurien.Dummy):
+    """Sleeps after the first request went to the backend (its answer and
+    the next request come meanwhile), then answers every later request
+    itself."""
+
+    name = 'test-stale'
+
+    def on_before_handle(self, protocol, source, dest, to_backend):
+        if to_backend and protocol.connection.exchange.number > 1:
+            protocol._get_data(source)
+            source.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine')
+            return vaurien.HANDLED
+        return True
+
+    def on_after_handle(self, protocol, source, dest, to_backend):
+        if to_backend and protocol.connection.exchange.number == 1:
+            time.sleep(0.3)
+        return True
+
+
+class StaleReadinessTest(unittest.TestCase):
+    """A step that reads the other socket (a framed protocol relaying an
+    earlier answer before a hook answers) must not leave the loop acting on
+    what the poll said of it before: a read there would block for good."""
+
+    def test_next_request_is_served(self):
+        vaurien.Behavior.register(Stale)
+        self.addCleanup(vaurien.Behavior.unregister, 'test-stale')
+        backend = support.http_backend(self, b'back')
+        request = b'GET / HTTP/1.1\r\nHost: x\r\n\r\n'
+        with support.Proxy(backend, protocol='http',
+                           behavior='test-stale') as proxy:
+            with support.connect(proxy.address, timeout=5) as sock:
+                sock.sendall(request)
+                time.sleep(0.1)         # while the proxy sleeps
+                sock.sendall(request)
+                answers = b''
+                while answers.count(b'HTTP/1.1') < 2 or not answers.endswith(
+                        b'mine'):
+                    answers += sock.recv(65536)
+                self.assertIn(b'back', answers)
+                sock.sendall(request)
+                self.assertTrue(sock.recv(65536).endswith(b'mine'))
+
+
 class MemoryTest(unittest.TestCase):
     """What waits per connection is bounded in real memory, whatever the
     behavior, and goes with the connection."""
