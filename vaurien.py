@@ -2145,6 +2145,9 @@ class Controller(object):
 
     def __init__(self, server):
         self.server = server
+        # every API thread calls this one Controller at once: the query of
+        # the request a thread is answering is that thread's own
+        self._request = threading.local()
         self.routes = {
             '/behavior': {'GET': self.get_behavior, 'PUT': self.set_behavior,
                           'POST': self.set_behavior},
@@ -2158,23 +2161,29 @@ class Controller(object):
             '/decisions': {'GET': self.decisions},
         }
 
+    @property
+    def query(self):
+        """The query of the request being answered (in this thread), as
+        a dict: the last value of each key."""
+        return getattr(self._request, 'query', {})
+
     def call(self, method, path, body=b''):
         path, _, query = path.partition('?')
         path = path.rstrip('/') or '/'
-        self.query = dict((k, v[-1]) for k, v in
-                          urllib.parse.parse_qs(query).items())
         route = self.routes.get(path)
         if route is None:
             return 404, _error('url', 'path', 'no such endpoint %r (try: %s)'
-                               % (path, ', '.join(sorted(self.routes))))
+                               % (path[:100], ', '.join(sorted(self.routes))))
         handler = route.get(method)
         if handler is None:
-            return 405, _error('method', 'method', '%s is not allowed on %s '
-                               '(allowed: %s)' % (method, path,
-                                                  ', '.join(sorted(route))))
+            return 405, _error('method', 'method', '%.40s is not allowed on '
+                               '%s (allowed: %s)' % (method, path,
+                                                     ', '.join(sorted(route))))
+        self._request.query = dict((k, v[-1]) for k, v in
+                                   urllib.parse.parse_qs(query).items())
         if method in ('PUT', 'POST'):
             try:
-                data = json.loads(body.decode('utf-8') if body else '')
+                data = _load_json(body)
             except ValueError as exc:
                 return 400, _error('body', '', 'the body is not valid JSON: '
                                    '%s' % exc)
@@ -2203,26 +2212,38 @@ class Controller(object):
         data = dict(data)
         if 'behavior' in data:
             mix = data.pop('behavior')
-            options = data.pop('options', None) or {}
+            options = data.pop('options', {})
             if data:
                 raise VaurienError('unexpected keys beside "behavior": %s'
                                    % ', '.join(sorted(data)), sorted(data)[0])
-            if not isinstance(mix, str) or not isinstance(options, dict):
-                raise VaurienError('"behavior" must be a mix string and '
-                                   '"options" an object of objects',
-                                   'behavior')
+            if not isinstance(mix, str):
+                raise VaurienError('"behavior" must be a mix string, e.g. '
+                                   '"20:delay,10:error", not %s'
+                                   % _json_kind(mix), 'behavior')
+            if not isinstance(options, dict):
+                raise VaurienError('"options" must be an object of objects, '
+                                   'e.g. {"delay": {"sleep": 0.5}}, not %s'
+                                   % _json_kind(options), 'options')
         elif 'name' in data:
             mix = data.pop('name')
             if not isinstance(mix, str):
-                raise VaurienError('"name" must be a string', 'name')
+                raise VaurienError('"name" must be a string, not %s'
+                                   % _json_kind(mix), 'name')
             options = {mix: data} if data else {}
         else:
             raise VaurienError('the body needs a "name" key (or a '
                                '"behavior" mix)', 'name')
-        for values in options.values():
+        for name, values in options.items():
             if not isinstance(values, dict):
                 raise VaurienError('"options" must map behavior names to '
-                                   'objects', 'options')
+                                   'objects: "%s" is %s' % (
+                                       name, _json_kind(values)), 'options')
+            for option, value in values.items():
+                # str() would take a list or an object for a string option
+                if value is None or isinstance(value, (dict, list)):
+                    raise VaurienError("option '%s' must be a string, a "
+                                       "number or true/false, not %s" % (
+                                           option, _json_kind(value)), option)
         self.server.set_mix(mix, options)
         logger.info('behavior changed to %s', self.server.mix)
         return {'status': 'ok'}
@@ -2286,9 +2307,11 @@ class Controller(object):
         """Decisions kept in memory, oldest first; ``?since=ID`` for those
         after decision ID only."""
         since = self.query.get('since', '0')
-        if not since.isdigit():
+        # ASCII digits only: str.isdigit() takes '²', which int() refuses,
+        # and int() takes other scripts' digits
+        if not since or since.strip('0123456789') or len(since) > 18:
             raise VaurienError('since must be a decision id (a whole '
-                               'number)', 'since')
+                               'number: digits 0-9, at most 18)', 'since')
         since = int(since)
         return {'decisions': [dict(record, time=round(record['time'], 6))
                               for record in list(self.server.decisions)
@@ -2303,6 +2326,59 @@ def _error(location, name, description):
     """An error answer in Vaurien 1.x's format."""
     return {'status': 'error', 'errors': [
         {'location': location, 'name': name, 'description': description}]}
+
+
+def _json_kind(value):
+    """What a JSON value is, in words, for error messages."""
+    for types_, word in (((bool,), 'true/false'), ((dict,), 'an object'),
+                         ((list,), 'a list'), ((str,), 'a string'),
+                         ((int, float), 'a number')):
+        if isinstance(value, types_):
+            return word
+    return 'null' if value is None else type(value).__name__
+
+
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError('%.40s is too large a number' % text)
+    return value
+
+
+def _short_int(text):
+    # int() of a long run of digits costs time quadratic in its length,
+    # holding the proxy's threads back meanwhile (Python < 3.11)
+    if len(text) > 40:
+        raise ValueError('a number of %d digits is too long' % len(text))
+    return int(text)
+
+
+def _no_constant(name):
+    raise ValueError('%s is not a number JSON allows (numbers must be '
+                     'finite)' % name)
+
+
+def _unique_keys(pairs):
+    found = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError('key %r appears twice' % key[:40])
+        found[key] = value
+    return found
+
+
+_JSON = json.JSONDecoder(parse_float=_finite_float, parse_int=_short_int,
+                         parse_constant=_no_constant,
+                         object_pairs_hook=_unique_keys)
+
+
+def _load_json(body):
+    """A request body as JSON, strictly: finite numbers of sane length,
+    no key twice in an object (which of them would count?)."""
+    try:
+        return _JSON.decode(body.decode('utf-8') if body else '')
+    except RecursionError:
+        raise ValueError('it is nested too deeply')
 
 
 _LOOPBACK_NAMES = ('localhost', '127.0.0.1', '::1', 'ip6-localhost')
