@@ -94,6 +94,16 @@ def put(address, body, headers=()):
     return status, strict_json(data)
 
 
+def serve(test, server):
+    """Run *server* (a ControlServer) in a thread until *test* ends."""
+    thread = threading.Thread(target=server.serve_forever,
+                              kwargs={'poll_interval': 0.05}, daemon=True)
+    thread.start()
+    test.addCleanup(server.server_close)
+    test.addCleanup(server.shutdown)
+    return server.address
+
+
 class ApiCase(unittest.TestCase):
     """An in-process proxy with its control API on a free loopback port;
     ``handler_attributes`` and ``server_attributes`` change the API's
@@ -114,13 +124,7 @@ class ApiCase(unittest.TestCase):
         server_class = type('Server', (vaurien.ControlServer,), attributes)
         self.control = server_class(('127.0.0.1', 0), self.proxy.server,
                                     self.token)
-        thread = threading.Thread(target=self.control.serve_forever,
-                                  kwargs={'poll_interval': 0.05},
-                                  daemon=True)
-        thread.start()
-        self.addCleanup(self.control.server_close)
-        self.addCleanup(self.control.shutdown)
-        self.api = self.control.address
+        self.api = serve(self, self.control)
 
     def behavior(self):
         return self.proxy.server.mix.__str__()
@@ -141,6 +145,166 @@ class ApiCase(unittest.TestCase):
 
 BLACKOUT = (b'PUT /behavior HTTP/1.1\r\nHost: 127.0.0.1\r\n'
             b'Content-Length: 20\r\n\r\n{"name": "blackout"}')
+
+
+class RefusalClosesTest(ApiCase):
+    """Finding 1: a refused request's body, posing as a second request on
+    the same connection, is never served."""
+
+    def test_a_browser_post_cannot_smuggle_a_request_in_its_body(self):
+        # what fetch(url, {method: 'POST', mode: 'no-cors', body}) sends
+        forged = (b'POST /behavior HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n'
+                  b'Origin: http://evil.example\r\n'
+                  b'User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n'
+                  b'Sec-Fetch-Mode: no-cors\r\n'
+                  b'Content-Type: text/plain;charset=UTF-8\r\n'
+                  b'Content-Length: %d\r\n\r\n' % (self.api[1],
+                                                   len(BLACKOUT))) + BLACKOUT
+        answers = send_raw(self.api, forged)
+        self.assertEqual([answer[0] for answer in answers], [403])
+        self.assertJsonError(answers[0], 403)
+        self.assertEqual(self.behavior(), 'dummy')
+
+    def test_too_large_a_body_closes_the_connection(self):
+        answers = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\nContent-Length: 2000000\r\n\r\n' +
+                           BLACKOUT)
+        self.assertEqual([answer[0] for answer in answers], [413])
+        self.assertEqual(self.behavior(), 'dummy')
+
+
+class TokenRefusalClosesTest(ApiCase):
+
+    token = 's3cret'
+
+    def test_a_request_without_the_token_closes_the_connection(self):
+        behind = BLACKOUT.replace(b'\r\n\r\n',
+                                  b'\r\nAuthorization: Bearer s3cret\r\n\r\n')
+        answers = send_raw(self.api, b'GET /behavior HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\n\r\n' + behind)
+        self.assertEqual([answer[0] for answer in answers], [401])
+        self.assertEqual(answers[0][1].get('www-authenticate'), 'Bearer')
+        self.assertEqual(self.behavior(), 'dummy')
+
+    def test_the_scheme_is_case_insensitive(self):
+        """Finding 8."""
+        for value in ('bearer s3cret', 'BEARER s3cret', 'Bearer  s3cret '):
+            status, _, body = request(self.api, 'GET', '/behavior',
+                                      headers=[('Authorization', value)])
+            self.assertEqual(status, 200, value)
+        for value in ('Bearer s3cre', 'Bearer s3cretx', 'Basic s3cret',
+                      's3cret', 'Bearer', 'bearers3cret'):
+            status, _, _ = request(self.api, 'GET', '/behavior',
+                                   headers=[('Authorization', value)])
+            self.assertEqual(status, 401, value)
+        twice = send_raw(self.api, b'GET /behavior HTTP/1.1\r\nHost: '
+                         b'127.0.0.1\r\nAuthorization: Bearer s3cret\r\n'
+                         b'Authorization: Bearer other\r\n\r\n')
+        self.assertEqual(twice[0][0], 401)
+
+
+class HostTest(ApiCase):
+    """Finding 2: only loopback addresses, localhost and the API's own
+    address pass the DNS-rebinding check."""
+
+    def test_names_that_only_start_like_loopback_are_refused(self):
+        port = self.api[1]
+        for host in ('127.0.0.1.nip.io', '127.0.0.1.nip.io:%d' % port,
+                     '127.attacker.example', 'localhost.attacker.example',
+                     'localhost.', '[::1].evil.example', 'evil.example',
+                     '::1', '[127.0.0.1]', '127.0.0.1:http', '10.0.0.1',
+                     '0.0.0.0', '127.0.0.1:80:80', '[::1', 'ip6-localhost'):
+            status, _, body = request(self.api, 'GET', '/behavior',
+                                      headers=[('Host', host)])
+            self.assertEqual(status, 403, host)
+            self.assertEqual(strict_json(body)['errors'][0]['name'], 'Host')
+
+    def test_loopback_addresses_and_localhost_are_accepted(self):
+        port = self.api[1]
+        for host in ('127.0.0.1', '127.0.0.1:%d' % port, '127.9.8.7:1',
+                     'localhost', 'LocalHost:%d' % port, '[::1]',
+                     '[::1]:%d' % port, '[::ffff:127.0.0.1]', '127.0.0.1:'):
+            status, _, _ = request(self.api, 'GET', '/behavior',
+                                   headers=[('Host', host)])
+            self.assertEqual(status, 200, host)
+
+    def test_the_name_the_api_was_told_to_listen_on_is_accepted(self):
+        name = socket.gethostname()
+        try:
+            address = socket.gethostbyname(name)
+        except OSError:
+            address = ''
+        if not address.startswith('127.'):
+            self.skipTest('this host name is not a loopback name')
+        address = serve(self, vaurien.ControlServer((name, 0),
+                                                    self.proxy.server))
+        for host, status in ((name.upper(), 200),
+                             ('%s:%d' % (name, address[1]), 200),
+                             (name + '.evil.example', 403)):
+            answer = request(address, 'GET', '/health',
+                             headers=[('Host', host)])
+            self.assertEqual(answer[0], status, host)
+
+    def test_one_host_header_and_only_one(self):
+        answers = send_raw(self.api, b'GET /health HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\nHost: evil.example\r\n\r\n')
+        self.assertJsonError(answers[0], 400)
+        answers = send_raw(self.api, b'GET /health HTTP/1.1\r\n\r\n')
+        self.assertJsonError(answers[0], 400)
+        # HTTP/1.0 has no Host header to give
+        answers = send_raw(self.api, b'GET /health HTTP/1.0\r\n\r\n')
+        self.assertEqual(answers[0][0], 200)
+
+
+class DeadlineTest(ApiCase):
+    """Finding 4: the deadline bounds a whole request, not each read."""
+
+    handler_attributes = {'timeout': 1.0}
+
+    def trickle(self, sock, data, every=0.2, most=8.0):
+        """Send *data* a byte at a time; True if the server closed the
+        connection within *most* seconds."""
+        started = time.time()
+        for byte in data:
+            if time.time() - started > most:
+                return False
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return True
+            if select.select([sock], [], [], every)[0]:
+                return True
+        return False
+
+    def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_deadline(self):
+        with support.connect(self.api) as sock:
+            self.assertTrue(self.trickle(
+                sock, b'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n' +
+                b'X-Slow: ' + b'a' * 100))
+            answers = read_answers(sock)
+        self.assertJsonError(answers[0], 408)
+
+    def test_a_body_sent_slowly_is_cut_too(self):
+        with support.connect(self.api) as sock:
+            sock.sendall(b'PUT /behavior HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                         b'Content-Length: 60\r\n\r\n')
+            self.assertTrue(self.trickle(sock, b'{"name": "dummy"' +
+                                         b' ' * 43 + b'}'))
+            self.assertJsonError(read_answers(sock)[0], 408)
+
+    def test_an_idle_kept_alive_connection_is_closed(self):
+        with support.connect(self.api) as sock:
+            sock.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+            self.assertEqual(read_answers(sock, 1)[0][0], 200)
+            self.assertTrue(support.closed_by_peer(sock, wait=8.0))
+
+    def test_kept_alive_requests_each_get_the_whole_deadline(self):
+        with support.connect(self.api) as sock:
+            for _ in range(3):
+                time.sleep(0.6)
+                sock.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1'
+                             b'\r\n\r\n')
+                self.assertEqual(read_answers(sock, 1)[0][0], 200)
 
 
 class NumbersAndDepthTest(ApiCase):
@@ -184,6 +348,127 @@ class NumbersAndDepthTest(ApiCase):
         self.assertEqual(self.behavior(), 'dummy')
 
 
+class FaultyPlugin(vaurien.Dummy):
+    """A behavior whose option check has a bug."""
+
+    name = 'apifaulty'
+    options = {'level': ("A level, in no unit", float, 1.0)}
+
+    @staticmethod
+    def check_options(values):
+        raise RuntimeError('bug in the plugin')
+
+
+class NanDefault(vaurien.Dummy):
+    """A behavior whose default is not a number JSON has."""
+
+    name = 'apinan'
+    options = {'level': ("A level, in no unit", float, float('nan'))}
+
+
+class UnexpectedErrorTest(ApiCase):
+    """Findings 5 and 9: a bug behind the API is a 500 JSON error."""
+
+    def setUp(self):
+        super(UnexpectedErrorTest, self).setUp()
+        for cls in (FaultyPlugin, NanDefault):
+            vaurien.Behavior.register(cls)
+            self.addCleanup(vaurien.Behavior.unregister, cls.name)
+
+    def test_an_exception_in_a_route_is_a_500(self):
+        with self.assertLogs('vaurien', 'ERROR') as logs:
+            answer = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                              b'127.0.0.1\r\nContent-Length: 33\r\n\r\n'
+                              b'{"name": "apifaulty", "level": 2}')
+        error = self.assertJsonError(answer[0], 500)
+        self.assertIn('bug in the plugin', error['description'])
+        self.assertIn('bug in the plugin', '\n'.join(logs.output))
+        status, _, _ = request(self.api, 'GET', '/health')
+        self.assertEqual(status, 200)
+
+    def test_an_answer_that_is_not_standard_json_is_a_500(self):
+        self.proxy.server.set_mix('apinan')
+        with self.assertLogs('vaurien', 'ERROR'):
+            status, headers, body = request(self.api, 'GET', '/behavior')
+        self.assertEqual(status, 500)
+        self.assertEqual(strict_json(body)['status'], 'error')
+
+
+class JsonEverywhereTest(ApiCase):
+    """Finding 6: what http.server would answer in HTML is JSON, and the
+    connection closes after a malformed request."""
+
+    def test_head_answers_headers_only(self):
+        answers = send_raw(self.api, b'HEAD /behavior HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\n'
+                           b'Host: 127.0.0.1\r\nConnection: close\r\n\r\n',
+                           head=True)
+        self.assertEqual([answer[0] for answer in answers], [200, 200])
+        self.assertEqual(answers[0][1]['content-type'], 'application/json')
+        self.assertGreater(int(answers[0][1]['content-length']), 0)
+        self.assertEqual(strict_json(answers[1][2])['status'], 'ok')
+
+    def test_other_methods_get_json_errors(self):
+        for line, status in ((b'TRACE /behavior', 405), (b'FOO /health', 405),
+                             (b'DELETE /behavior', 405),
+                             (b'CONNECT 127.0.0.1:80', 400),
+                             (b'OPTIONS *', 400), (b'G@T /health', 400),
+                             (b'GET http://127.0.0.1/health', 400)):
+            answers = send_raw(self.api, line + b' HTTP/1.1\r\nHost: '
+                               b'127.0.0.1\r\nConnection: close\r\n\r\n')
+            self.assertEqual(len(answers), 1, line)
+            self.assertJsonError(answers[0], status)
+
+    def test_malformed_request_lines(self):
+        for line, status in ((b'GET /health HTTP/1.x', 400),
+                             (b'GET /health FTP/1.1', 400),
+                             (b'GET /health', 400),
+                             (b'GET  /health HTTP/1.1', 400),
+                             (b'GET /health HTTP/1.1 extra', 400),
+                             (b'GET /he\x00alth HTTP/1.1', 400),
+                             (b'\x00\xff garbage', 400),
+                             (b'GET /health HTTP/0.9', 505),
+                             (b'GET /health HTTP/2.0', 505),
+                             (b'GET /' + b'a' * 70000 + b' HTTP/1.1', 414)):
+            answers = send_raw(self.api, line + b'\r\nHost: 127.0.0.1\r\n'
+                               b'\r\nGET /health HTTP/1.1\r\n\r\n')
+            self.assertEqual(len(answers), 1, line[:40])
+            self.assertJsonError(answers[0], status)
+
+    def test_headers_too_many_or_too_large(self):
+        many = b''.join(b'X-%d: a\r\n' % number for number in range(101))
+        for headers in (many, b'X-Big: ' + b'a' * 70000 + b'\r\n',
+                        b'X-Big: a\r\n' * 4000):
+            answers = send_raw(self.api, b'GET /health HTTP/1.1\r\nHost: '
+                               b'127.0.0.1\r\n' + headers + b'\r\n')
+            self.assertEqual(len(answers), 1)
+            self.assertJsonError(answers[0], 431)
+
+    def test_malformed_header_lines(self):
+        for header in (b'Content-Length : 5', b'X-A: a\r\n folded',
+                       b'X-A: a\x00b', b'No colon', b': empty name',
+                       b'X A: b', b'X-A: a\rb'):
+            answers = send_raw(self.api, b'GET /health HTTP/1.1\r\nHost: '
+                               b'127.0.0.1\r\n' + header + b'\r\n\r\n')
+            self.assertEqual(len(answers), 1, header)
+            self.assertJsonError(answers[0], 400)
+
+    def test_send_error_answers_json(self):
+        """http.server's own way to answer an error (send_error) is
+        JSON too."""
+        server = self.control
+
+        class Probe(vaurien.ControlHandler):
+            def handle(self):
+                self.send_error(501, 'Unsupported method', 'TRACE')
+
+        probe = type(server)(('127.0.0.1', 0), self.proxy.server)
+        probe.RequestHandlerClass = Probe
+        answers = send_raw(serve(self, probe), b'')
+        error = self.assertJsonError(answers[0], 501)
+        self.assertEqual(error['description'], 'Unsupported method: TRACE')
+
+
 class BodyTypesTest(ApiCase):
     """Finding 7: every field of a PUT /behavior body has its type."""
 
@@ -211,6 +496,81 @@ class BodyTypesTest(ApiCase):
         status, _ = put(self.api, {'behavior': '50:delay', 'options':
                                    {'delay': {'sleep': 0, 'before': True}}})
         self.assertEqual(status, 200)
+
+
+class FramingTest(ApiCase):
+    """Content-Length games, chunked bodies and Expect: 100-continue."""
+
+    def test_content_length_must_be_one_plain_number(self):
+        for lengths in ([b'20', b'20'], [b'20', b'5'], [b'20, 20'], [b'+20'],
+                        [b'-1'], [b'0x14'], [b'2_0'], [b'20.0'], [b''],
+                        ['\u0662\u0660'.encode('utf-8')]):
+            head = b''.join(b'Content-Length: %s\r\n' % length
+                            for length in lengths)
+            answers = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                               b'127.0.0.1\r\n' + head + b'\r\n' + BLACKOUT)
+            self.assertEqual([answer[0] for answer in answers], [400],
+                             lengths)
+            self.assertJsonError(answers[0], 400)
+        self.assertEqual(self.behavior(), 'dummy')
+        answers = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\nContent-Length:  20 \r\n'
+                           b'Connection: close\r\n\r\n{"name": "blackout"}')
+        self.assertEqual(answers[0][0], 200)
+
+    def test_chunked_bodies_are_read(self):
+        body = b'{"name": "delay", "sleep": 0}'
+        chunked = b'5;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n' % (
+            body[:5], len(body) - 5, body[5:])
+        answers = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n'
+                           + chunked + b'GET /behavior HTTP/1.1\r\nHost: '
+                           b'127.0.0.1\r\nConnection: close\r\n\r\n')
+        self.assertEqual([answer[0] for answer in answers], [200, 200])
+        self.assertEqual(strict_json(answers[1][2])['behavior'], 'delay')
+
+    def test_ambiguous_or_unknown_framing_is_refused(self):
+        for head, status in ((b'Transfer-Encoding: chunked\r\n'
+                              b'Content-Length: 20\r\n', 400),
+                             (b'Transfer-Encoding: gzip, chunked\r\n', 501),
+                             (b'Transfer-Encoding: chunked\r\n'
+                              b'Transfer-Encoding: chunked\r\n', 501),
+                             (b'Transfer-Encoding: identity\r\n', 501)):
+            answers = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                               b'127.0.0.1\r\n' + head + b'\r\n' + BLACKOUT)
+            self.assertEqual([answer[0] for answer in answers], [status],
+                             head)
+            self.assertJsonError(answers[0], status)
+        for chunks in (b'zz\r\n', b'5\r\n{"nam\r\n-1\r\n', b'5\r\n{"name"'
+                       b'\r\n', b'100000000\r\n'):
+            answers = send_raw(self.api, b'PUT /behavior HTTP/1.1\r\nHost: '
+                               b'127.0.0.1\r\nTransfer-Encoding: chunked\r\n'
+                               b'\r\n' + chunks + b'\r\n' + BLACKOUT)
+            self.assertEqual(len(answers), 1, chunks)
+            self.assertIn(answers[0][0], (400, 413))
+        self.assertEqual(self.behavior(), 'dummy')
+
+    def test_expect_100_continue(self):
+        body = b'{"name": "dummy"}'
+        with support.connect(self.api) as sock:
+            sock.sendall(b'PUT /behavior HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                         b'Expect: 100-continue\r\nContent-Length: %d\r\n'
+                         b'\r\n' % len(body))
+            self.assertEqual(read_answers(sock, 1)[0][0], 100)
+            sock.sendall(body)
+            self.assertEqual(read_answers(sock, 1)[0][0], 200)
+
+    def test_no_100_continue_for_a_request_refused_anyway(self):
+        for head, status in ((b'Origin: http://evil.example\r\n'
+                              b'Content-Length: 20\r\n', 403),
+                             (b'Content-Length: 5000000\r\n', 413),
+                             (b'Content-Length: 20\r\n', 417)):
+            expect = b'100-continue' if status != 417 else b'coffee'
+            with support.connect(self.api) as sock:
+                sock.sendall(b'PUT /behavior HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                             b'Expect: ' + expect + b'\r\n' + head + b'\r\n')
+                answers = read_answers(sock)
+            self.assertEqual([answer[0] for answer in answers], [status])
 
 
 class SharedStateTest(unittest.TestCase):
