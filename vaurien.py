@@ -2778,11 +2778,23 @@ def _line_content(line):
 
 
 class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """The control API's HTTP server, for one ProxyServer."""
+    """The control API's HTTP server, for one ProxyServer.
+
+    At most ``max_connections`` API connections are served at once, each
+    in its own thread with one descriptor: beyond them a connection is
+    answered 503 and closed at once, so that slow or stuck API clients
+    can never take the threads and descriptors the proxy's own traffic
+    needs.
+    """
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default of 5 drops connections (they wait for SYN
+    # retries, one to fifteen seconds) while the accepting thread waits
+    # its turn behind busy proxy threads
+    request_queue_size = 1024
+    max_connections = 64
     # seconds, after an answer that closes the connection, to read what
     # the client still sends (a body not read): closing on unread bytes
     # would reset the connection, and the client could lose the answer
@@ -2793,6 +2805,9 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.proxy = proxy
         self.controller = Controller(proxy)
         self.token = token or None
+        self.active = 0
+        self._active_lock = threading.Lock()
+        self._turned_away = False
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, tuple(address)[:2],
@@ -2810,6 +2825,54 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     @property
     def address(self):
         return self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        """Serve the connection in a thread, unless ``max_connections``
+        are open: then answer 503 and close it at once."""
+        with self._active_lock:
+            full = self.active >= self.max_connections
+            if not full:
+                self.active += 1
+                self._turned_away = False
+        if full:
+            self._turn_away(request, client_address)
+            return
+        try:
+            socketserver.ThreadingMixIn.process_request(self, request,
+                                                        client_address)
+        except Exception:       # no thread to be had: the caller closes it
+            self._ended()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(
+                self, request, client_address)
+        finally:
+            self._ended()
+
+    def _ended(self):
+        with self._active_lock:
+            self.active -= 1
+
+    def _turn_away(self, request, client_address):
+        if not self._turned_away:
+            self._turned_away = True
+            logger.warning('control API: %d connections open already: '
+                           'closing new ones (from %s first) until one ends',
+                           self.max_connections,
+                           format_address(client_address))
+        data = (json.dumps(_error(
+            'server', '', 'the control API serves %d connections at once: '
+            'try again' % self.max_connections)) + '\n').encode('utf-8')
+        try:
+            request.send(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: '
+                         b'application/json\r\nContent-Length: %d\r\n'
+                         b'Connection: close\r\n\r\n%s' % (len(data), data),
+                         getattr(socket, 'MSG_DONTWAIT', 0))
+        except OSError:
+            pass
+        self.close_request(request)
 
     def shutdown_request(self, request):
         """Replaces the base method: a lingering close (see ``linger``)."""

@@ -256,6 +256,37 @@ class HostTest(ApiCase):
         self.assertEqual(answers[0][0], 200)
 
 
+class BacklogTest(unittest.TestCase):
+    """Finding 3: connections wait in a real listen queue while the
+    accepting thread is busy, instead of being dropped."""
+
+    def test_connections_queue_while_none_is_accepted(self):
+        with vaurien.proxy(('127.0.0.1', 9)) as local:
+            control = vaurien.ControlServer(('127.0.0.1', 0), local.server)
+            self.addCleanup(control.server_close)
+            # nobody accepts: only the listen queue holds the connections
+            pending = []
+            for _ in range(100):
+                sock = socket.socket()
+                self.addCleanup(sock.close)
+                sock.setblocking(False)
+                code = sock.connect_ex(control.address)
+                self.assertIn(code, (0, errno.EINPROGRESS, errno.EAGAIN))
+                pending.append(sock)
+            connected = 0
+            deadline = time.time() + support.TIMEOUT
+            while pending and time.time() < deadline:
+                _, ready, _ = select.select([], pending, [], 0.5)
+                if not ready:
+                    break
+                for sock in ready:
+                    pending.remove(sock)
+                    if not sock.getsockopt(socket.SOL_SOCKET,
+                                           socket.SO_ERROR):
+                        connected += 1
+            self.assertEqual(connected, 100)
+
+
 class DeadlineTest(ApiCase):
     """Finding 4: the deadline bounds a whole request, not each read."""
 
@@ -305,6 +336,89 @@ class DeadlineTest(ApiCase):
                 sock.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1'
                              b'\r\n\r\n')
                 self.assertEqual(read_answers(sock, 1)[0][0], 200)
+
+
+class CapTest(ApiCase):
+    """Finding 4: at most max_connections API connections at once, in
+    threads and descriptors; beyond them, a 503 and a close at once."""
+
+    server_attributes = {'max_connections': 4}
+
+    def test_connections_beyond_the_cap_are_closed_at_once(self):
+        before = threading.active_count()
+        held = [support.connect(self.api) for _ in range(4)]
+        for sock in held:
+            self.addCleanup(sock.close)
+        deadline = time.time() + support.TIMEOUT
+        while (threading.active_count() < before + 4 and
+               time.time() < deadline):
+            time.sleep(0.01)
+        with self.assertLogs('vaurien', 'WARNING') as logs:
+            for _ in range(20):
+                with support.connect(self.api) as sock:
+                    sock.sendall(b'GET /health HTTP/1.1\r\nHost: '
+                                 b'127.0.0.1\r\n\r\n')
+                    answer = read_answers(sock, 1)[0]
+                    self.assertJsonError(answer, 503)
+                    self.assertTrue(support.closed_by_peer(sock))
+        self.assertEqual(len(logs.output), 1)     # once, not 20 times
+        self.assertLessEqual(threading.active_count(), before + 4)
+        self.assertEqual(self.control.active, 4)
+        deadline = time.time() + support.TIMEOUT
+        # the proxy's traffic does not notice
+        with support.connect(self.proxy.address) as sock:
+            sock.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+            self.assertEqual(read_answers(sock, 1)[0][2], b'hello')
+        for sock in held:
+            sock.close()
+        while self.control.active and time.time() < deadline:
+            time.sleep(0.01)
+        status, _, _ = request(self.api, 'GET', '/health')
+        self.assertEqual(status, 200)
+
+
+@unittest.skipUnless(sys.platform.startswith('linux'), 'needs RLIMIT_NOFILE')
+class DescriptorStarvationTest(unittest.TestCase):
+    """Finding 4, end to end: with 400 descriptors, hundreds of stuck API
+    clients leave the proxy's traffic its descriptors."""
+
+    def test_stuck_api_clients_do_not_starve_the_proxy(self):
+        support.raise_fd_limit()
+        api_port = support.free_port()
+        with support.temp_dir() as folder, support.EchoServer() as echo:
+            wrapper = support.write(os.path.join(folder, 'limited.py'), (
+                'import resource, runpy, sys\n'
+                'resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))\n'
+                'sys.argv[0] = %r\n'
+                'runpy.run_path(%r, run_name="__main__")\n') % (
+                    support.VAURIEN_PY, support.VAURIEN_PY))
+            args = ['--backend', '%s:%d' % echo.address, '--http',
+                    '--http-port', str(api_port)]
+            with support.vaurien_process(args, script=wrapper) as (_, proxy):
+                stuck = []
+                try:
+                    for _ in range(500):
+                        try:
+                            sock = socket.create_connection(
+                                ('127.0.0.1', api_port), 1.0)
+                        except OSError:
+                            break       # the API takes no more
+                        stuck.append(sock)
+                        sock.sendall(b'G')      # and never the rest
+                    clients = []
+                    try:
+                        for number in range(100):
+                            sock = support.connect(proxy)
+                            clients.append(sock)
+                            payload = b'ping %d\n' % number
+                            self.assertEqual(support.exchange(sock, payload),
+                                             payload)
+                    finally:
+                        for sock in clients:
+                            sock.close()
+                finally:
+                    for sock in stuck:
+                        sock.close()
 
 
 class NumbersAndDepthTest(ApiCase):
