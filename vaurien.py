@@ -58,6 +58,7 @@ import http.client
 import http.server
 import importlib
 import importlib.util
+import io
 import ipaddress
 import itertools
 import json
@@ -2729,6 +2730,9 @@ class Controller(object):
 
     def __init__(self, server):
         self.server = server
+        # every API thread calls this one Controller at once: the query of
+        # the request a thread is answering is that thread's own
+        self._request = threading.local()
         self.routes = {
             '/behavior': {'GET': self.get_behavior, 'PUT': self.set_behavior,
                           'POST': self.set_behavior},
@@ -2742,23 +2746,29 @@ class Controller(object):
             '/decisions': {'GET': self.decisions},
         }
 
+    @property
+    def query(self):
+        """The query of the request being answered (in this thread), as
+        a dict: the last value of each key."""
+        return getattr(self._request, 'query', {})
+
     def call(self, method, path, body=b''):
         path, _, query = path.partition('?')
         path = path.rstrip('/') or '/'
-        self.query = dict((k, v[-1]) for k, v in
-                          urllib.parse.parse_qs(query).items())
         route = self.routes.get(path)
         if route is None:
             return 404, _error('url', 'path', 'no such endpoint %r (try: %s)'
-                               % (path, ', '.join(sorted(self.routes))))
+                               % (path[:100], ', '.join(sorted(self.routes))))
         handler = route.get(method)
         if handler is None:
-            return 405, _error('method', 'method', '%s is not allowed on %s '
-                               '(allowed: %s)' % (method, path,
-                                                  ', '.join(sorted(route))))
+            return 405, _error('method', 'method', '%.40s is not allowed on '
+                               '%s (allowed: %s)' % (method, path,
+                                                     ', '.join(sorted(route))))
+        self._request.query = dict((k, v[-1]) for k, v in
+                                   urllib.parse.parse_qs(query).items())
         if method in ('PUT', 'POST'):
             try:
-                data = json.loads(body.decode('utf-8') if body else '')
+                data = _load_json(body)
             except ValueError as exc:
                 return 400, _error('body', '', 'the body is not valid JSON: '
                                    '%s' % exc)
@@ -2787,26 +2797,38 @@ class Controller(object):
         data = dict(data)
         if 'behavior' in data:
             mix = data.pop('behavior')
-            options = data.pop('options', None) or {}
+            options = data.pop('options', {})
             if data:
                 raise VaurienError('unexpected keys beside "behavior": %s'
                                    % ', '.join(sorted(data)), sorted(data)[0])
-            if not isinstance(mix, str) or not isinstance(options, dict):
-                raise VaurienError('"behavior" must be a mix string and '
-                                   '"options" an object of objects',
-                                   'behavior')
+            if not isinstance(mix, str):
+                raise VaurienError('"behavior" must be a mix string, e.g. '
+                                   '"20:delay,10:error", not %s'
+                                   % _json_kind(mix), 'behavior')
+            if not isinstance(options, dict):
+                raise VaurienError('"options" must be an object of objects, '
+                                   'e.g. {"delay": {"sleep": 0.5}}, not %s'
+                                   % _json_kind(options), 'options')
         elif 'name' in data:
             mix = data.pop('name')
             if not isinstance(mix, str):
-                raise VaurienError('"name" must be a string', 'name')
+                raise VaurienError('"name" must be a string, not %s'
+                                   % _json_kind(mix), 'name')
             options = {mix: data} if data else {}
         else:
             raise VaurienError('the body needs a "name" key (or a '
                                '"behavior" mix)', 'name')
-        for values in options.values():
+        for name, values in options.items():
             if not isinstance(values, dict):
                 raise VaurienError('"options" must map behavior names to '
-                                   'objects', 'options')
+                                   'objects: "%s" is %s' % (
+                                       name, _json_kind(values)), 'options')
+            for option, value in values.items():
+                # str() would take a list or an object for a string option
+                if value is None or isinstance(value, (dict, list)):
+                    raise VaurienError("option '%s' must be a string, a "
+                                       "number or true/false, not %s" % (
+                                           option, _json_kind(value)), option)
         self.server.set_mix(mix, options)
         logger.info('behavior changed to %s', self.server.mix)
         return {'status': 'ok'}
@@ -2870,9 +2892,11 @@ class Controller(object):
         """Decisions kept in memory, oldest first; ``?since=ID`` for those
         after decision ID only."""
         since = self.query.get('since', '0')
-        if not since.isdigit():
+        # ASCII digits only: str.isdigit() takes '²', which int() refuses,
+        # and int() takes other scripts' digits
+        if not since or since.strip('0123456789') or len(since) > 18:
             raise VaurienError('since must be a decision id (a whole '
-                               'number)', 'since')
+                               'number: digits 0-9, at most 18)', 'since')
         since = int(since)
         return {'decisions': [dict(record, time=round(record['time'], 6))
                               for record in list(self.server.decisions)
@@ -2889,48 +2913,370 @@ def _error(location, name, description):
         {'location': location, 'name': name, 'description': description}]}
 
 
-_LOOPBACK_NAMES = ('localhost', '127.0.0.1', '::1', 'ip6-localhost')
+def _json_kind(value):
+    """What a JSON value is, in words, for error messages."""
+    for types_, word in (((bool,), 'true/false'), ((dict,), 'an object'),
+                         ((list,), 'a list'), ((str,), 'a string'),
+                         ((int, float), 'a number')):
+        if isinstance(value, types_):
+            return word
+    return 'null' if value is None else type(value).__name__
+
+
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError('%.40s is too large a number' % text)
+    return value
+
+
+def _short_int(text):
+    # int() of a long run of digits costs time quadratic in its length,
+    # holding the proxy's threads back meanwhile (Python < 3.11)
+    if len(text) > 40:
+        raise ValueError('a number of %d digits is too long' % len(text))
+    return int(text)
+
+
+def _no_constant(name):
+    raise ValueError('%s is not a number JSON allows (numbers must be '
+                     'finite)' % name)
+
+
+def _unique_keys(pairs):
+    found = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError('key %r appears twice' % key[:40])
+        found[key] = value
+    return found
+
+
+_JSON = json.JSONDecoder(parse_float=_finite_float, parse_int=_short_int,
+                         parse_constant=_no_constant,
+                         object_pairs_hook=_unique_keys)
+
+
+def _load_json(body):
+    """A request body as JSON, strictly: finite numbers of sane length,
+    no key twice in an object (which of them would count?)."""
+    try:
+        return _JSON.decode(body.decode('utf-8') if body else '')
+    except RecursionError:
+        raise ValueError('it is nested too deeply')
+
+
+def _is_local_host(host, own):
+    """Whether a Host header names this machine's loopback, so that no
+    web page can reach the API through a DNS name it controls (DNS
+    rebinding): an address of 127.0.0.0/8 or ::1 (IPv6 in brackets), with
+    or without a port, ``localhost``, or one of *own*, the names and
+    address the API was told to listen on (lower case)."""
+    host = host.strip().lower()
+    if host.startswith('['):
+        name, bracket, port = host[1:].partition(']')
+        if not bracket or (port and not port.startswith(':')):
+            return False
+        port = port[1:]
+    else:
+        name, _, port = host.partition(':')
+    if port.strip('0123456789') or len(port) > 5:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:          # a name
+        return not host.startswith('[') and (name == 'localhost' or
+                                             name in own)
+    if (address.version == 6) != host.startswith('['):
+        return False
+    mapped = getattr(address, 'ipv4_mapped', None)
+    return (address.is_loopback or name in own or
+            (mapped is not None and mapped.is_loopback))
+
+
+class _Refused(Exception):
+    """A request answered with an error before its end was read: the
+    connection closes after the answer, so that what follows (a body, or
+    bytes posing as the next request) is never taken for a request."""
+
+    def __init__(self, status, location, name, description):
+        Exception.__init__(self, description)
+        self.status = status
+        self.answer = _error(location, name, description)
+
+
+class _RequestReader(io.RawIOBase):
+    """A socket read against a deadline (``time.monotonic()``) that bounds
+    every read of a request together, not each read alone."""
+
+    # setting a socket's timeout costs a system call (and a turn at the
+    # GIL): it is set only when the one in force could overshoot the
+    # deadline by more than this many seconds
+    slack = 0.25
+
+    def __init__(self, sock):
+        io.RawIOBase.__init__(self)
+        self.sock = sock
+        self.deadline = None
+        self.received = 0       # bytes since the deadline was set
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout('timed out')
+        timeout = self.sock.gettimeout()
+        if timeout is None or timeout > left + self.slack:
+            self.sock.settimeout(left)
+        count = self.sock.recv_into(buffer)
+        self.received += count
+        return count
+
+
+# the characters of a token (a method, a header name), and the control
+# characters no request line or header value may hold (RFC 9110 5.5, 5.6.2)
+_TOKEN = (b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+          b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_CONTROLS = bytes(range(0, 9)) + bytes(range(10, 32)) + b'\x7f'
+_HEX = b'0123456789abcdefABCDEF'
 
 
 class ControlHandler(http.server.BaseHTTPRequestHandler):
-    """The control API over HTTP: JSON in, JSON out."""
+    """The control API over HTTP: JSON in, JSON out, errors included.
+
+    Replaces the base class's reading of a request (``handle_one_request``,
+    ``parse_request``) with a stricter one: a whole request (its line,
+    headers and body, and on a kept-alive connection the wait for it) must
+    arrive within ``timeout`` seconds; anything malformed or ambiguous is
+    refused with a JSON error, and the connection closes after any answer
+    sent before the request was read to its end.  ``send_error`` answers
+    JSON too.
+    """
 
     server_version = 'vaurien/' + __version__
     protocol_version = 'HTTP/1.1'
-    # seconds a client may take over its request: a slow client costs its
-    # own thread only, never the proxy's traffic
+    # an error answered before the request's version is known still has
+    # a status line (the base class's default, HTTP/0.9, has none)
+    default_request_version = 'HTTP/1.0'
+    # seconds a client has to send a whole request, and to take an answer
     timeout = 10
     max_body = 1 << 20
+    max_line = 1 << 16          # the request line, in bytes
+    max_header_bytes = 1 << 16  # all the headers together
+    max_headers = 100
 
-    def _serve(self):
-        method = self.command
+    def setup(self):
+        http.server.BaseHTTPRequestHandler.setup(self)
+        # the base class's reader has a timeout per read: this one has a
+        # deadline per request
+        self.rfile.close()
+        self.reader = _RequestReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+        self._forget_request()
+
+    def _forget_request(self):
+        # what an answer reads, before a request has told it
+        self.command = self.requestline = self.path = ''
+        self.request_version = self.default_request_version
+
+    def handle_one_request(self):
+        """Read one request by its deadline and answer it."""
+        self.reader.deadline = time.monotonic() + self.timeout
+        self.reader.received = 0
+        self.close_connection = True
+        self._forget_request()
+        try:
+            reply = self._read_and_call()
+        except _Refused as refusal:
+            self.close_connection = True
+            reply = refusal.status, refusal.answer
+        except socket.timeout:
+            self.close_connection = True
+            if not self.reader.received:
+                return          # kept alive, and quiet: close, nothing to say
+            reply = 408, _error('request', '', 'the request did not arrive '
+                                'whole within %g seconds' % self.timeout)
+        except OSError:         # the client went away
+            self.close_connection = True
+            return
+        except Exception as exc:
+            self.close_connection = True
+            logger.error('control API: %s %.100s from %s failed: %s: %s',
+                         self.command, self.path, self.address_string(),
+                         type(exc).__name__, exc)
+            logger.debug('control API failure', exc_info=True)
+            reply = 500, _error('server', '', 'internal error (%s: %s); the '
+                                "proxy's log has the details" % (
+                                    type(exc).__name__, exc))
+        if reply is not None:
+            try:
+                self._send(*reply)
+            except OSError:
+                self.close_connection = True
+
+    def _read_and_call(self):
+        """``(status, answer)`` for the next request, or None when the
+        connection ended before one."""
+        if not self._read_head():
+            return None
         refusal = self._refusal()
         if refusal is not None:
-            status, answer = refusal
-        else:
-            try:
-                length = int(self.headers.get('Content-Length') or 0)
-            except ValueError:
-                length = -1
-            if length < 0 or length > self.max_body:
-                status, answer = 413 if length > 0 else 400, _error(
-                    'header', 'Content-Length', 'a body of 0 to %d bytes '
-                    'is expected' % self.max_body)
-                self.close_connection = True
-            else:
-                body = self.rfile.read(length) if length else b''
-                status, answer = self.server.controller.call(
-                    method, self.path, body)
-        data = (json.dumps(answer, sort_keys=True) + '\n').encode('utf-8')
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
-        self.send_header('Cache-Control', 'no-store')
-        self.end_headers()
-        if method != 'HEAD':
-            self.wfile.write(data)
+            self.close_connection = True
+            return refusal
+        body = self._read_body()
+        method = 'GET' if self.command == 'HEAD' else self.command
+        return self.server.controller.call(method, self.path, body)
 
-    do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _serve
+    def _read_head(self):
+        """Read and check the request line and headers; False when the
+        connection ended before a request."""
+        line = self.rfile.readline(self.max_line + 1)
+        for _ in range(4):      # blank lines before a request are allowed
+            if line not in (b'\r\n', b'\n'):
+                break
+            line = self.rfile.readline(self.max_line + 1)
+        if not line:
+            return False
+        self.raw_requestline = line
+        if len(line) > self.max_line:
+            self.requestline = line[:100].decode('latin-1') + '...'
+            raise _Refused(414, 'url', 'path', 'the request line is longer '
+                           'than %d bytes' % self.max_line)
+        self.requestline = line.rstrip(b'\r\n').decode('latin-1')
+        parts = _line_content(line).split(b' ')
+        if len(parts) != 3 or not parts[0] or parts[0].translate(
+                None, _TOKEN) or parts[1].translate(None, _CONTROLS) != \
+                parts[1]:
+            raise _Refused(400, 'request', '', 'malformed request line %r '
+                           '(expected METHOD /path HTTP/1.1)'
+                           % self.requestline[:100])
+        method, target, version = parts
+        if version not in (b'HTTP/1.1', b'HTTP/1.0'):
+            if (len(version) == 8 and version[:5] == b'HTTP/' and
+                    version[5:6].isdigit() and version[6:7] == b'.' and
+                    version[7:8].isdigit()):
+                raise _Refused(505, 'request', 'version', 'HTTP version %s '
+                               'is not supported: this API speaks HTTP/1.1 '
+                               'and 1.0' % version.decode('ascii'))
+            raise _Refused(400, 'request', 'version', 'malformed HTTP '
+                           'version %r (expected HTTP/1.1)'
+                           % version.decode('latin-1')[:20])
+        self.command = method.decode('ascii')
+        self.path = target.decode('latin-1')
+        self.request_version = version.decode('ascii')
+        if not target.startswith(b'/'):
+            raise _Refused(400, 'url', 'path', 'the request target must be '
+                           'a path such as /behavior, not %r'
+                           % self.path[:100])
+        self.headers = http.client.HTTPMessage()
+        for name, value in self._read_fields():
+            self.headers[name] = value
+        connection = ','.join(self.headers.get_all('Connection') or ())
+        tokens = set(token.strip() for token in
+                     connection.lower().split(','))
+        if self.request_version == 'HTTP/1.1':
+            self.close_connection = 'close' in tokens
+        else:
+            self.close_connection = 'keep-alive' not in tokens
+        return True
+
+    def _read_fields(self, budget=None):
+        """Header (or trailer) fields up to the blank line, as (name,
+        value) strings; within *budget* bytes in all."""
+        budget = self.max_header_bytes if budget is None else budget
+        fields = []
+        while True:
+            line = self.rfile.readline(budget + 1)
+            budget -= len(line)
+            if budget < 0:
+                raise _Refused(431, 'header', '', 'the headers are larger '
+                               'than %d bytes' % self.max_header_bytes)
+            if not line.endswith(b'\n'):
+                raise _Refused(400, 'header', '', 'the request ended '
+                               'within its headers')
+            if line in (b'\r\n', b'\n'):
+                return fields
+            if len(fields) >= self.max_headers:
+                raise _Refused(431, 'header', '', 'more than %d headers'
+                               % self.max_headers)
+            name, colon, value = _line_content(line).partition(b':')
+            # a space before the colon, or a line folded onto the one
+            # before, reads differently from one parser to the next
+            if (not colon or not name or name.translate(None, _TOKEN) or
+                    value.translate(None, _CONTROLS) != value):
+                raise _Refused(400, 'header', '', 'malformed header line '
+                               '%r' % line[:100].decode('latin-1'))
+            fields.append((name.decode('ascii'),
+                           value.strip(b' \t').decode('latin-1')))
+
+    def _read_body(self):
+        """The body, framed by Content-Length or chunked; checked before
+        any of it is read, and before 100 Continue is sent."""
+        headers = self.headers
+        lengths = headers.get_all('Content-Length') or []
+        codings = headers.get_all('Transfer-Encoding') or []
+        if codings:
+            if lengths:
+                raise _Refused(400, 'header', 'Transfer-Encoding', 'both '
+                               'Content-Length and Transfer-Encoding: send '
+                               'one of them')
+            coding = ','.join(codings).strip().lower()
+            if coding != 'chunked' or self.request_version != 'HTTP/1.1':
+                raise _Refused(501, 'header', 'Transfer-Encoding',
+                               'Transfer-Encoding %r is not supported (only '
+                               'chunked, in HTTP/1.1)' % coding[:40])
+            length = None
+        else:
+            text = lengths[0].strip() if len(lengths) == 1 else '0'
+            if len(lengths) > 1 or not text or text.strip('0123456789'):
+                raise _Refused(400, 'header', 'Content-Length', 'one '
+                               'Content-Length header is expected, a whole '
+                               'number of bytes (not %s)' % ', '.join(
+                                   map(repr, lengths))[:100])
+            length = int(text) if len(text) < 16 else self.max_body + 1
+            if length > self.max_body:
+                raise _Refused(413, 'header', 'Content-Length', 'a body of '
+                               '0 to %d bytes is expected' % self.max_body)
+        expect = ','.join(headers.get_all('Expect') or ()).strip().lower()
+        if expect and expect != '100-continue':
+            raise _Refused(417, 'header', 'Expect', 'only Expect: '
+                           '100-continue is understood, not %r' % expect[:40])
+        if expect and length != 0 and self.request_version == 'HTTP/1.1':
+            self.wfile.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+        if length is None:
+            return self._read_chunks()
+        body = self.rfile.read(length) if length else b''
+        if len(body) < length:
+            raise _Refused(400, 'body', '', 'the body ended after %d of its '
+                           '%d bytes' % (len(body), length))
+        return body
+
+    def _read_chunks(self):
+        chunks, size = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            digits = line.split(b';', 1)[0].strip(b' \t\r\n')
+            if (not line.endswith(b'\n') or not digits or len(digits) > 8 or
+                    digits.translate(None, _HEX)):
+                raise _Refused(400, 'body', '', 'malformed chunk size line '
+                               '%r' % line[:40].decode('latin-1'))
+            count = int(digits, 16)
+            if not count:
+                break
+            size += count
+            if size > self.max_body:
+                raise _Refused(413, 'body', '', 'a body of 0 to %d bytes is '
+                               'expected' % self.max_body)
+            chunk = self.rfile.read(count)
+            if len(chunk) < count or self.rfile.readline(3) not in (
+                    b'\r\n', b'\n'):
+                raise _Refused(400, 'body', '', 'malformed or incomplete '
+                               'chunk')
+            chunks.append(chunk)
+        self._read_fields()     # trailer fields: read, not used
+        return b''.join(chunks)
 
     def _refusal(self):
         """Requests a web page could make (forged against localhost from a
@@ -2943,49 +3289,193 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             return 403, _error('header', 'Origin', 'requests from web '
                                'browsers are refused: use curl, a script or '
                                'vaurien.Client')
-        host = headers.get('Host', '')
-        name = host.rsplit(':', 1)[0] if not host.endswith(']') else host
-        name = name.strip('[]').lower()
-        if (self.server.loopback_only and name and
-                name not in _LOOPBACK_NAMES and not name.startswith('127.')):
+        hosts = headers.get_all('Host') or []
+        if len(hosts) > 1 or (not hosts and
+                              self.request_version == 'HTTP/1.1'):
+            raise _Refused(400, 'header', 'Host', 'one Host header is '
+                           'expected, not %d' % len(hosts))
+        server = self.server
+        if (hosts and server.loopback_only and
+                not _is_local_host(hosts[0], server.own_names)):
             return 403, _error('header', 'Host', 'this API answers to '
-                               'localhost only, not %r' % host)
-        token = self.server.token
+                               'localhost only, not %r' % hosts[0][:100])
+        token = server.token
         if token and self.path.split('?')[0].rstrip('/') != '/health':
-            given = headers.get('Authorization', '')
-            if not hmac.compare_digest(given.encode('utf-8'),
-                                       ('Bearer ' + token).encode('utf-8')):
+            given = headers.get_all('Authorization') or []
+            scheme, _, credentials = (given[0] if len(given) == 1
+                                      else '').strip().partition(' ')
+            # compared in constant time; the scheme's case does not matter
+            matches = hmac.compare_digest(
+                credentials.strip().encode('latin-1'), token.encode('utf-8'))
+            if scheme.lower() != 'bearer' or not matches:
                 return 401, _error('header', 'Authorization', 'a bearer '
                                    'token is required (--http-token)')
         return None
+
+    def send_error(self, code, message=None, explain=None):
+        """Replaces the base method: the error as JSON, in ``_error()``'s
+        shape, and the connection closes after it."""
+        self.close_connection = True
+        description = message or self.responses.get(code, ('error',))[0]
+        if explain:
+            description += ': ' + explain
+        self._send(code, _error('request', '', description))
+
+    def _send(self, status, answer):
+        """Send *answer* as JSON, all in one write (HEAD: its headers only).
+        """
+        try:
+            text = json.dumps(answer, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            logger.error('control API: the answer to %s %.100s cannot be '
+                         'JSON (%s): please report this bug', self.command,
+                         self.path, exc)
+            status, text = 500, json.dumps(_error(
+                'server', '', 'the answer cannot be encoded as JSON: %s'
+                % exc), sort_keys=True)
+        data = (text + '\n').encode('utf-8')
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('Cache-Control', 'no-store')
+        if status == 401:
+            self.send_header('WWW-Authenticate', 'Bearer')
+        if self.close_connection:
+            self.send_header('Connection', 'close')
+        self._headers_buffer.append(b'\r\n')
+        if self.command != 'HEAD':
+            self._headers_buffer.append(data)
+        data, self._headers_buffer = b''.join(self._headers_buffer), []
+        # the reader may have shortened the timeout to its deadline
+        if self.connection.gettimeout() != self.timeout:
+            self.connection.settimeout(self.timeout)
+        self.wfile.write(data)  # sendall: the timeout bounds it whole
 
     def log_message(self, format, *args):
         logger.debug('control API: %s %s', self.address_string(),
                      format % args)
 
 
+def _line_content(line):
+    """A request or header line without its CRLF (or bare LF)."""
+    return line[:-2] if line.endswith(b'\r\n') else line.rstrip(b'\n')
+
+
 class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """The control API's HTTP server, for one ProxyServer."""
+    """The control API's HTTP server, for one ProxyServer.
+
+    At most ``max_connections`` API connections are served at once, each
+    in its own thread with one descriptor: beyond them a connection is
+    answered 503 and closed at once, so that slow or stuck API clients
+    can never take the threads and descriptors the proxy's own traffic
+    needs.
+    """
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default of 5 drops connections (they wait for SYN
+    # retries, one to fifteen seconds) while the accepting thread waits
+    # its turn behind busy proxy threads
+    request_queue_size = 1024
+    max_connections = 64
+    # seconds, after an answer that closes the connection, to read what
+    # the client still sends (a body not read): closing on unread bytes
+    # would reset the connection, and the client could lose the answer
+    linger = 1.0
+    handler_class = ControlHandler
 
     def __init__(self, address, proxy, token=None):
         self.proxy = proxy
         self.controller = Controller(proxy)
         self.token = token or None
-        host = address[0]
-        self.loopback_only = (host in _LOOPBACK_NAMES or
-                              host.startswith('127.'))
-        if ':' in host:
+        self.active = 0
+        self._active_lock = threading.Lock()
+        self._turned_away = False
+        if ':' in address[0]:
             self.address_family = socket.AF_INET6
         http.server.HTTPServer.__init__(self, tuple(address)[:2],
-                                        ControlHandler)
+                                        self.handler_class)
+        try:
+            self.loopback_only = ipaddress.ip_address(
+                self.address[0].split('%')[0]).is_loopback
+        except ValueError:
+            self.loopback_only = False
+        # what a Host header may name besides loopback addresses: the
+        # host the API was told to listen on, and the address it got
+        self.own_names = frozenset((address[0].lower(),
+                                    self.address[0].lower()))
 
     @property
     def address(self):
         return self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        """Serve the connection in a thread, unless ``max_connections``
+        are open: then answer 503 and close it at once."""
+        with self._active_lock:
+            full = self.active >= self.max_connections
+            if not full:
+                self.active += 1
+                self._turned_away = False
+        if full:
+            self._turn_away(request, client_address)
+            return
+        try:
+            socketserver.ThreadingMixIn.process_request(self, request,
+                                                        client_address)
+        except Exception:       # no thread to be had: the caller closes it
+            self._ended()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(
+                self, request, client_address)
+        finally:
+            self._ended()
+
+    def _ended(self):
+        with self._active_lock:
+            self.active -= 1
+
+    def _turn_away(self, request, client_address):
+        if not self._turned_away:
+            self._turned_away = True
+            logger.warning('control API: %d connections open already: '
+                           'closing new ones (from %s first) until one ends',
+                           self.max_connections,
+                           format_address(client_address))
+        data = (json.dumps(_error(
+            'server', '', 'the control API serves %d connections at once: '
+            'try again' % self.max_connections)) + '\n').encode('utf-8')
+        try:
+            request.send(b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: '
+                         b'application/json\r\nContent-Length: %d\r\n'
+                         b'Connection: close\r\n\r\n%s' % (len(data), data),
+                         getattr(socket, 'MSG_DONTWAIT', 0))
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def shutdown_request(self, request):
+        """Replaces the base method: a lingering close (see ``linger``)."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.linger
+            left = 1 << 16
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                request.settimeout(wait)
+                data = request.recv(min(left, 16384))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         logger.debug('control API: %s: %s', format_address(client_address),
