@@ -2786,12 +2786,18 @@ class Controller(object):
     # the routes
 
     def get_behavior(self):
+        """The mix in force, and the options of each behavior in it by
+        name (the parts of ``a+b`` each under its own): a body that PUT
+        back as it is gives the same proxy."""
         mix = self.server.mix
+        options = {}
+        for behavior in mix.instances.values():
+            for part in getattr(behavior, 'parts', [behavior]):
+                options[part.name] = _options_in_force(part)
         return {'behavior': str(mix),
                 'mix': [{'name': name, 'percent': percent}
                         for name, percent in mix.shares],
-                'options': dict((name, _options_in_force(behavior))
-                                for name, behavior in mix.instances.items())}
+                'options': options}
 
     def set_behavior(self, data):
         data = dict(data)
@@ -3552,14 +3558,21 @@ class _ControlMethods(object):
     @contextlib.contextmanager
     def with_behavior(self, name, **options):
         """Put *name* in force for the ``with`` block, then restore the
-        previous behavior (or mix) and its options, exceptions included."""
+        previous behavior (or mix) and its options, exceptions included.
+        Should the restoring fail, dummy is put in force (and the error
+        raised): a test helper never leaves a fault switched on."""
         before = self._call('GET', '/behavior')
         self.set_behavior(name, **options)
         try:
             yield self
         finally:
-            self._call('PUT', '/behavior', {'behavior': before['behavior'],
-                                            'options': before['options']})
+            try:
+                self._call('PUT', '/behavior',
+                           {'behavior': before['behavior'],
+                            'options': before['options']})
+            except VaurienError:
+                self.set_behavior('dummy')
+                raise
 
     behavior = with_behavior
 

@@ -193,6 +193,49 @@ class OneXPluginsTest(unittest.TestCase):
         self.assertIn('none of the methods', err)
 
 
+class RoundTripTest(unittest.TestCase):
+    """What GET /behavior answers, PUT back as it is, gives the same proxy;
+    with_behavior restores whatever was in force."""
+
+    MIXES = [
+        ('dummy', {}),
+        ('delay', {'delay': {'sleep': 0.25, 'before': False}}),
+        ('20:delay,5:blackout', {}),
+        ('10:latency+corrupt', {'latency': {'latency': 5},
+                                'corrupt': {'probability': 0.5}}),
+        ('30:error,10:latency+corrupt', {
+            'error': {'warmup': 3, 'after': 2, 'every': 2, 'times': 4,
+                      'clients': '127.0.0.0/8', 'direction': 'upstream'},
+            'latency': {'direction': 'downstream', 'scope': 'connection'}}),
+        ('50:slow_close,50:abort', {'slow_close': {'delay': 10}}),
+    ]
+
+    def setUp(self):
+        vaurien.load_plugins()
+
+    def test_get_then_put_gives_the_same_proxy(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(backend=echo.address) as proxy:
+            for mix, options in self.MIXES:
+                proxy.set_mix(mix, options)
+                got = proxy._call('GET', '/behavior')
+                proxy.set_mix('dummy')
+                proxy._call('PUT', '/behavior', {'behavior': got['behavior'],
+                                                 'options': got['options']})
+                self.assertEqual(proxy._call('GET', '/behavior'), got, mix)
+
+    def test_with_behavior_restores_every_kind_of_mix(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(backend=echo.address, http=True) as proxy:
+            client = proxy.client()
+            for mix, options in self.MIXES:
+                client.set_mix(mix, options)
+                before = client._call('GET', '/behavior')
+                with client.with_behavior('blackout'):
+                    self.assertEqual(client.get_behavior(), 'blackout')
+                self.assertEqual(client._call('GET', '/behavior'), before)
+
+
 class BlackoutTest(unittest.TestCase):
 
     def test_blackout_is_a_clean_end_not_a_reset(self):
