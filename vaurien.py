@@ -1934,9 +1934,11 @@ class Connection(object):
 
     # exchanges, and what behaviors keep per connection
 
-    def start_exchange(self):
+    def start_exchange(self, request=None):
         """Draw the behavior for a new exchange and make it current: the
-        one place where exchanges are counted and decisions made."""
+        one place where exchanges are counted and decisions made.
+        *request* says what the client asked, in a few words (a framed
+        protocol knows: ``GET /users``, ``SET``), for the decision log."""
         self.exchanges += 1
         number = self.exchanges
         server = self.server
@@ -1946,7 +1948,7 @@ class Connection(object):
         else:
             exchange = Exchange(self, number, name, behavior)
             if not behavior.passive:
-                server.decide(self, number, behavior)
+                server.decide(self, number, behavior, request)
         self.exchange = exchange
         self.behaviors_met[name] += 1
         if server.statsd.enabled:
@@ -2511,8 +2513,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 self.totals['backend_errors'] += 1
             self._closed_exchanges.update(conn.met())
 
-    def decide(self, conn, number, behavior):
-        """Log a non-dummy decision, and keep it for GET /decisions."""
+    def decide(self, conn, number, behavior, request=None):
+        """Log a non-dummy decision in one short line, and keep it, with
+        every option in force, for GET /decisions."""
         direction, options = _decision_fields(behavior)
         record = {
             'id': next(self._decision_ids),
@@ -2520,15 +2523,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             'connection': conn.id,
             'client': conn.client_text,
             'exchange': number,
+            'request': request,
             'direction': direction,
             'behavior': behavior.name,
             'options': options}
         self.decisions.append(record)
         if logger.isEnabledFor(logging.INFO):
-            logger.info('decision %d: connection %d (%s) exchange %d: %s, '
-                        '%s %s', record['id'], conn.id, record['client'],
-                        number, behavior.name, record['direction'],
-                        json.dumps(record['options'], sort_keys=True))
+            logger.info('decision %d: connection %d exchange %d: %s%s',
+                        record['id'], conn.id, number, behavior.name,
+                        ' on %s' % request if request else '')
 
     @property
     def exchange_counts(self):

@@ -528,7 +528,14 @@ class FramedProtocol(BaseProtocol):
         return True
 
     def _start_request(self, info):
-        exchange = self.connection.start_exchange()
+        if info.get('setup'):
+            # the connection's set-up (a login, a client library's
+            # greeting): never an exchange, it passes untouched
+            self._req_ex, self._req_hooked = None, False
+            self._req_mode = 'forward'
+            self._expect(self.connection.plain, info)
+            return True
+        exchange = self.connection.start_exchange(info.get('request'))
         self.request = info
         self._req_ex = exchange
         self._req_hooked = False

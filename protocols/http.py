@@ -209,6 +209,8 @@ class HTTP(FramedProtocol):
             connection = _tokens(headers, b'connection')
             info = {
                 'method': method,
+                'request': '%s %s' % (method.decode('latin-1'),
+                                      parts[1][:200].decode('latin-1')),
                 'close': b'close' in connection or (
                     version == b'HTTP/1.0' and b'keep-alive' not in
                     connection),

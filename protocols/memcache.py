@@ -71,7 +71,8 @@ class Memcache(FramedProtocol):
             _command_word(line)
             words = line.split()
             command = words[0].lower() if words else b''
-            info = {'cmd': command, 'replies': 1}
+            info = {'cmd': command, 'replies': 1,
+                    'request': command.decode('latin-1')}
             data = None
             if command in _STORAGE:
                 need = 6 if command == b'cas' else 5

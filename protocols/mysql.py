@@ -11,6 +11,8 @@ connection, or for a command it does not know (COM_CHANGE_USER, the
 replication commands), the connection is plain pass-through.
 """
 
+import re
+
 import vaurien
 
 from ._framing import (END, PASS, PEEK, READ, SCAN, SKIP, START,
@@ -51,6 +53,22 @@ _ONE_PACKET = frozenset([
 _KNOWN = _NO_ANSWER | _ONE_PACKET | frozenset([
     COM_QUERY, COM_FIELD_LIST, COM_STMT_PREPARE, COM_STMT_EXECUTE,
     COM_STMT_FETCH])
+#: what the decision log calls a command (a query: its first word)
+NAMES = {0x01: 'COM_QUIT', 0x02: 'COM_INIT_DB', 0x04: 'COM_FIELD_LIST',
+         0x05: 'COM_CREATE_DB', 0x06: 'COM_DROP_DB', 0x07: 'COM_REFRESH',
+         0x08: 'COM_SHUTDOWN', 0x09: 'COM_STATISTICS',
+         0x0c: 'COM_PROCESS_KILL', 0x0d: 'COM_DEBUG', 0x0e: 'COM_PING',
+         0x16: 'COM_STMT_PREPARE', 0x17: 'COM_STMT_EXECUTE',
+         0x18: 'COM_STMT_SEND_LONG_DATA', 0x19: 'COM_STMT_CLOSE',
+         0x1a: 'COM_STMT_RESET', 0x1b: 'COM_SET_OPTION',
+         0x1c: 'COM_STMT_FETCH', 0x1f: 'COM_RESET_CONNECTION'}
+_FIRST_WORD = re.compile(br'\s*(?:/\*.*?\*/\s*)*([A-Za-z]+)', re.S)
+
+
+def _first_word(sql):
+    """The first word of an SQL statement (after comments), upper case."""
+    found = _FIRST_WORD.match(sql)
+    return found.group(1)[:32].upper().decode('ascii') if found else 'QUERY'
 
 #: error number -> (SQLSTATE, message), for the error behavior
 ERRORS = {
@@ -152,7 +170,11 @@ class MySQL(FramedProtocol):
             if not length:
                 raise FramingError('an empty command packet')
             command = (yield (READ, 1, False))[0]
-            info = {'cmd': command, 'seq': header[3], 'replies': 1}
+            info = {'cmd': command, 'seq': header[3], 'replies': 1,
+                    'request': NAMES.get(command, '0x%02x' % command)}
+            if command == COM_QUERY:
+                sql = yield (PEEK, min(length - 1, 256))
+                info['request'] = _first_word(sql)
             if command in _NO_ANSWER:
                 info['replies'] = 0
             elif command not in _KNOWN:

@@ -36,6 +36,9 @@ _LENGTH = re.compile(br'\$-?[0-9]{0,19}(?:\r\n?)?\Z')
 _SUBSCRIBE = frozenset([b'SUBSCRIBE', b'PSUBSCRIBE', b'SSUBSCRIBE',
                         b'UNSUBSCRIBE', b'PUNSUBSCRIBE', b'SUNSUBSCRIBE'])
 _UNSUBSCRIBED = frozenset([b'unsubscribe', b'punsubscribe', b'sunsubscribe'])
+#: what client libraries send as they connect, before any other command:
+#: the connection's set-up, never an exchange (afterwards, they are)
+SET_UP = frozenset([b'HELLO', b'AUTH', b'CLIENT', b'SELECT', b'READONLY'])
 
 
 def _count_line(line):
@@ -252,6 +255,7 @@ class Redis(FramedProtocol):
         self._resp_push = False     # replies are read as push messages
         self._monitor = False
         self._reply = 'on'          # CLIENT REPLY: on, off, skip
+        self._set_up = False        # a command past the set-up came
 
     # requests
 
@@ -322,9 +326,15 @@ class Redis(FramedProtocol):
     def _command(self, args):
         name = args[0].upper()
         sub = args[1].upper() if len(args) > 1 and args[1] else b''
-        info = {'cmd': name, 'replies': 1}
+        info = {'cmd': name, 'replies': 1,
+                'request': name.decode('latin-1')}
         if name in (b'SYNC', b'PSYNC'):
             return None
+        if not self._set_up:
+            if name in SET_UP:
+                info['setup'] = True    # a client library connecting
+            else:
+                self._set_up = True
         if self._reply != 'on':
             info['replies'] = 0
             info['silent'] = True

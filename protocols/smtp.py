@@ -73,6 +73,7 @@ class SMTP(FramedProtocol):
                 # the backend is in DATA mode already: under ``error`` it
                 # still gets the message, and its answer is replaced
                 info = {'cmd': b'message', 'replies': 1,
+                        'request': 'the message (DATA)',
                         'keep_backend_in_step': True}
                 yield (START, info)
                 yield (SCAN, MessageScanner())
@@ -82,7 +83,8 @@ class SMTP(FramedProtocol):
             _command_line(line)
             words = line.split()
             verb = words[0].upper() if words else b''
-            info = {'cmd': verb, 'replies': 1}
+            info = {'cmd': verb, 'replies': 1,
+                    'request': verb.decode('latin-1')}
             if verb == b'BDAT':
                 info['keep_backend_in_step'] = True
             yield (START, info)

@@ -236,6 +236,66 @@ class RoundTripTest(unittest.TestCase):
                 self.assertEqual(client._call('GET', '/behavior'), before)
 
 
+class RequestsTest(unittest.TestCase):
+    """Decisions on framed protocols name the request they hit, and a
+    client library's set-up commands are no exchanges."""
+
+    def play(self, protocol, steps):
+        from tests.test_protocols import Pair, read_some
+        pair = Pair(protocol, 'delay', {'delay': {'sleep': 0}})
+        try:
+            for who, data in steps:
+                if who == 'c':
+                    pair.client.sendall(data)
+                    read_some(pair.backend, len(data), 2)
+                else:
+                    pair.backend.sendall(data)
+                    read_some(pair.client, len(data), 2)
+            return pair.server
+        finally:
+            pair.close()
+
+    def requests(self, protocol, steps):
+        server = self.play(protocol, steps)
+        return [d['request'] for d in server.decisions]
+
+    def test_each_protocol_names_its_requests(self):
+        from tests import test_protocols as recorded
+        self.assertEqual(self.requests('http', recorded.HTTP[:4]),
+                         ['GET /', 'POST /up'])
+        self.assertEqual(self.requests('redis', recorded.REDIS[:4]),
+                         ['PING', 'SET'])
+        self.assertEqual(self.requests('memcache', recorded.MEMCACHE[:4]),
+                         ['set', 'get'])
+        self.assertEqual(self.requests('smtp', recorded.SMTP[:5]),
+                         ['EHLO', 'MAIL', 'RCPT', 'DATA'])
+        mysql = recorded.mysql_session(deprecate_eof=False)
+        self.assertEqual(self.requests('mysql', mysql), [
+            'SELECT', 'SELECT', 'COM_STMT_PREPARE', 'COM_STMT_EXECUTE',
+            'COM_STMT_CLOSE', 'COM_PING', 'X' * 32, 'COM_QUIT'])
+
+    def test_the_log_line_is_short_and_names_the_request(self):
+        from tests import test_protocols as recorded
+        with self.assertLogs('vaurien', 'INFO') as logs:
+            self.play('http', recorded.HTTP[:2])
+        line, = [line for line in logs.output if 'decision' in line]
+        self.assertTrue(line.endswith('exchange 1: delay on GET /'), line)
+
+    def test_redis_set_up_is_no_exchange(self):
+        from tests.test_protocols import _resp
+        steps = [('c', _resp(b'HELLO', b'3') +
+                  _resp(b'CLIENT', b'SETINFO', b'LIB-NAME', b'redis-py') +
+                  _resp(b'SELECT', b'0')),
+                 ('s', b'%1\r\n$5\r\nproto\r\n:3\r\n+OK\r\n+OK\r\n'),
+                 ('c', _resp(b'GET', b'k')),
+                 ('s', b'$-1\r\n'),
+                 ('c', _resp(b'SELECT', b'1')),
+                 ('s', b'+OK\r\n')]
+        server = self.play('redis', steps)
+        self.assertEqual([d['request'] for d in server.decisions],
+                         ['GET', 'SELECT'])
+
+
 class BlackoutTest(unittest.TestCase):
 
     def test_blackout_is_a_clean_end_not_a_reset(self):

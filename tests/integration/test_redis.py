@@ -180,6 +180,18 @@ class RedisTest(support.ProxiedTestCase):
         self.assertTrue(r.set('d', 1))
         self.assertGreaterEqual(time.time() - start, 0.3)
 
+    def test_the_connection_set_up_is_no_exchange(self):
+        # a new redis-py client says HELLO, CLIENT SETINFO... as it
+        # connects: under a delay, only the GET itself waits
+        self.proxy.set('delay', {'delay': {'sleep': 0.3}})
+        for protocol in (2, 3):
+            since = len(self.proxy.server.decisions)
+            r = self.client(self.proxy, protocol=protocol, db=1,
+                            client_name='vaurien-test')
+            self.assertIsNone(r.get('no-such-key'))
+            decisions = list(self.proxy.server.decisions)[since:]
+            self.assertEqual([d['request'] for d in decisions], ['GET'])
+
     def test_hang_third_command(self):
         r = self.client(self.proxy, socket_timeout=0.5)
         self.assertTrue(r.set('h', 1))
