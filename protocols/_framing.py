@@ -410,13 +410,10 @@ class FramedProtocol(BaseProtocol):
         self._resp = StreamParser(self.parse_responses())
 
     def _handle(self, source, dest, to_backend):
-        data = BaseProtocol._get_data(self, source)
         if self.passthrough:
-            if not data:
-                return self._end_of_stream(source, dest)
-            dest.sendall(data)
-            return True
-        return self._from(to_backend, data)
+            # as under plain tcp, the engine drawing the exchanges
+            return vaurien.TCP._handle(self, source, dest, to_backend)
+        return self._from(to_backend, BaseProtocol._get_data(self, source))
 
     def _dest(self, to_backend, exchange=None):
         """The side to send to, or the outlet of *exchange*'s stream
@@ -694,12 +691,17 @@ class FramedProtocol(BaseProtocol):
         if kind == 'error':
             vaurien.logger.warning(
                 'connection %s: protocol %s cannot frame the %s (%s); '
-                'passing this connection through unchanged', label,
+                'passing this connection through as plain tcp', label,
                 self.name, where, reason)
         else:
             vaurien.logger.debug('connection %s: protocol %s: %s; plain '
-                                 'pass-through from now on', label,
-                                 self.name, reason)
+                                 'tcp from now on', label, self.name,
+                                 reason)
+        # from now on the engine runs the exchanges, a read of the client
+        # each, as under tcp; and there are no words to answer in (error
+        # sends random bytes)
+        self.frames = False
+        self._error_answer = lambda behavior: None
         self.expected.clear()
         self._serving = None
         self._out(True, None, self._req.rest())

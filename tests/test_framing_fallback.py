@@ -98,7 +98,7 @@ class Case(unittest.TestCase):
     def assert_fell_back(self, pair, tls=False):
         warnings = self.warnings()
         self.assertEqual(len(warnings), 1, warnings)
-        self.assertIn('passing this connection through unchanged',
+        self.assertIn('passing this connection through as plain tcp',
                       warnings[0])
         # the line names the connection (its client's address)
         self.assertIn('%s:%d' % pair.client.getsockname()[:2], warnings[0])

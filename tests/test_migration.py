@@ -296,6 +296,50 @@ class RequestsTest(unittest.TestCase):
                          ['GET', 'SELECT'])
 
 
+class AfterTheFallBackTest(unittest.TestCase):
+    """A framed protocol that meets TLS passes it on, and from then on the
+    connection is as under tcp: behaviors still act on it."""
+
+    HELLO = b'\x16\x03\x01\x00\x40\x01' + b'\x00' * 64
+
+    def proxy(self, echo, behavior, **options):
+        vaurien.load_plugins()
+        return support.Proxy(echo.address, protocol='http', behavior=behavior,
+                             behavior_options={behavior: options})
+
+    def test_delay_still_delays(self):
+        with support.EchoServer() as echo, self.proxy(echo, 'delay',
+                                                      sleep=0.3) as proxy:
+            with self.assertLogs('vaurien', 'WARNING') as logs, \
+                    proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, self.HELLO),
+                                 self.HELLO)
+                start = time.time()
+                self.assertEqual(support.exchange(sock, b'encrypted'),
+                                 b'encrypted')
+                self.assertGreaterEqual(time.time() - start, 0.3)
+        self.assertIn('TLS', logs.output[0])
+
+    def test_error_answers_random_bytes(self):
+        with support.EchoServer() as echo, self.proxy(echo, 'error') as proxy:
+            with self.assertLogs('vaurien', 'WARNING'), proxy.connect() as sock:
+                sock.sendall(self.HELLO)
+                support.recv_exactly(sock, len(self.HELLO))
+                sock.sendall(b'encrypted')
+                answer = support.recv_exactly(sock, 1000)
+        self.assertEqual(len(answer), 1000)
+        self.assertNotIn(b'HTTP/1.1', answer)
+
+    def test_blackout_cuts(self):
+        with support.EchoServer() as echo, self.proxy(echo, 'blackout') as \
+                proxy:
+            with self.assertLogs('vaurien', 'WARNING'), proxy.connect() as sock:
+                sock.sendall(self.HELLO)
+                support.recv_exactly(sock, len(self.HELLO))
+                sock.sendall(b'encrypted')
+                self.assertTrue(support.closed_by_peer(sock))
+
+
 class BlackoutTest(unittest.TestCase):
 
     def test_blackout_is_a_clean_end_not_a_reset(self):

@@ -41,7 +41,7 @@ class HTTPFallbackTest(support.ProxiedTestCase):
             proxied = self.statuses(self.answer(self.proxy.address, data))
         self.assertEqual(proxied, expected)
         self.assertEqual(len(warnings), 1, warnings)
-        self.assertIn('passing this connection through unchanged',
+        self.assertIn('passing this connection through as plain tcp',
                       warnings[0])
         return warnings[0]
 
