@@ -138,7 +138,8 @@ def convert_value(value, type_):
     if isinstance(value, bool) and type_ in (int, float):
         raise ValueError(value)
     if type_ is int and isinstance(value, float):
-        if value != int(value):
+        # int() of an infinity raises OverflowError: a ValueError here
+        if not math.isfinite(value) or value != int(value):
             raise ValueError(value)
         return int(value)
     if type_ in (int, float) and isinstance(value, str):
@@ -146,10 +147,72 @@ def convert_value(value, type_):
     return type_(value)
 
 
+class Range(object):
+    """The numbers an option accepts, from *low* to *high*, both
+    included; *unit* names them in messages, ``--help`` and ``--list``.
+
+    Put it where an option's choices go: ``'sleep': ("Delay in seconds",
+    float, 1.0, Range(0, 3600, 'seconds'))``.
+    """
+
+    def __init__(self, low, high, unit=''):
+        self.low = low
+        self.high = high
+        self.unit = unit
+
+    def __contains__(self, value):
+        # False for NaN, which compares false with everything
+        return self.low <= value <= self.high
+
+    def problem(self, value):
+        """What is wrong with *value* ('must be 0 or more ...'), or
+        None when it is in range."""
+        if value in self:
+            return None
+        if value != value:
+            need = 'a finite number'
+        elif value < self.low:
+            need = '%s or more' % _show(self.low)
+        else:
+            need = '%s or less' % _show(self.high)
+        return 'must be %s (%s), not %s' % (need, self, _show(value))
+
+    def __str__(self):
+        return ('from %s to %s %s' % (_show(self.low), _show(self.high),
+                                      self.unit)).rstrip()
+
+    def __repr__(self):
+        return 'Range(%r, %r, %r)' % (self.low, self.high, self.unit)
+
+
+def _show(value):
+    """A value as people write it: 3600, 0.001, 1e+308, localhost:80."""
+    if isinstance(value, float) and value.is_integer() and \
+            abs(value) < 1e16:
+        return '%d' % value
+    if isinstance(value, str):
+        return value or "''"
+    return repr(value)
+
+
+def _clip(text, size=60):
+    """*text* cut short for a message: a value may be a whole file."""
+    text = str(text)
+    return text if len(text) <= size else text[:size] + '...'
+
+
 def _option_spec(option):
+    """``(description, type, default, choices)`` of an options-table entry;
+    choices is None, a tuple of the values allowed, or a Range."""
     description, type_, default = option[:3]
     choices = option[3] if len(option) > 3 else None
     return description, type_, default, choices
+
+
+def _describe_choices(choices):
+    if isinstance(choices, Range):
+        return str(choices)
+    return 'one of %s' % ', '.join(map(str, choices))
 
 
 #: Options every behavior takes, beside its own: where and when it applies.
@@ -161,10 +224,11 @@ COMMON_OPTIONS = {
               "for the connection's whole life", str, 'exchange',
               ('exchange', 'connection')),
     'after': ("Pass the first N exchanges of each connection untouched",
-              int, 0),
+              int, 0, Range(0, 10 ** 9, 'exchanges')),
     'every': ("Apply only to every Nth exchange of a connection (1: each)",
-              int, 1),
-    'times': ("Apply at most N times per connection (0: no limit)", int, 0),
+              int, 1, Range(1, 10 ** 9, 'exchanges')),
+    'times': ("Apply at most N times per connection (0: no limit)", int, 0,
+              Range(0, 10 ** 9)),
     'clients': ("Apply only to clients from these addresses or networks, "
                 "comma-separated, e.g. 10.0.0.0/8,::1 (empty: every client)",
                 str, ''),
@@ -193,9 +257,6 @@ def _check_common(cls, values):
     if values['direction'] not in cls.directions:
         raise ValueError("option 'direction' must be %s: this behavior acts "
                          "on requests" % ' or '.join(cls.directions))
-    for name, least in (('after', 0), ('every', 1), ('times', 0)):
-        if values[name] < least:
-            raise ValueError("option '%s' must be %d or more" % (name, least))
     _parse_networks(values['clients'])
 
 
@@ -231,14 +292,27 @@ def validate_options(kind, cls, values):
         _, type_, _, choices = _option_spec(table[name])
         try:
             value = convert_value(raw, type_)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise VaurienError("%s: option '%s' must be %s, not %r"
                                % (label, name, _TYPE_WORDS.get(
-                                   type_, type_.__name__), raw), name)
-        if choices is not None and value not in choices:
+                                   type_, type_.__name__), _clip(raw)), name)
+        # out of range: no field, like check_options' errors (the API's
+        # answers have always named none for those)
+        if type_ is float and not math.isfinite(value):
+            # nothing waits NaN or infinite seconds: refused for every float
+            raise VaurienError("%s: option '%s' must be a finite number%s, "
+                               "not %r" % (label, name, ' (%s)' % choices
+                                           if isinstance(choices, Range)
+                                           else '', _clip(raw)))
+        if isinstance(choices, Range):
+            problem = choices.problem(value)
+            if problem is not None:
+                raise VaurienError("%s: option '%s' %s" % (label, name,
+                                                           problem))
+        elif choices is not None and value not in choices:
             raise VaurienError("%s: option '%s' must be one of %s, not %r"
                                % (label, name, ', '.join(map(str, choices)),
-                                  raw), name)
+                                  _clip(raw)), name)
         result[name] = value
     checkers = [getattr(cls, 'check_options', None)]
     if table is not cls.options:
@@ -265,11 +339,11 @@ def parse_address(text, what='address', allow_zero=False):
         raise VaurienError('malformed %s %r: put an IPv6 address in '
                            'brackets, e.g. [::1]:8000' % (what, text))
     if not sep or not host or not port.isdigit():
-        raise VaurienError('malformed %s %r%s' % (what, text, example))
+        raise VaurienError('malformed %s %r%s' % (what, _clip(text), example))
     number = int(port)
     if not (0 if allow_zero else 1) <= number <= 65535:
         raise VaurienError('malformed %s %r: port must be 1-65535%s'
-                           % (what, text, ' (0 picks a free port)'
+                           % (what, _clip(text), ' (0 picks a free port)'
                               if allow_zero else ''))
     return host, number
 
@@ -402,6 +476,17 @@ class _Configurable(object):
         return convert_value(value, type_)
 
 
+def check_for_protocol(protocol_class, behavior):
+    """VaurienError when *protocol_class* cannot serve *behavior* (each
+    part of a composite) as its options say (see
+    ``BaseProtocol.check_behavior``)."""
+    for part in getattr(behavior, 'parts', [behavior]):
+        try:
+            protocol_class.check_behavior(part)
+        except ValueError as exc:
+            raise VaurienError("behavior '%s': %s" % (part.name, exc))
+
+
 # Protocols ###############################################################
 
 class BaseProtocol(_Configurable):
@@ -413,7 +498,27 @@ class BaseProtocol(_Configurable):
     client or the backend socket is readable.
     """
 
-    options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+    options = {'buffer': ("Bytes read from a socket at a time", int, 65536,
+                          Range(1, 1 << 24, 'bytes'))}
+    #: The codes this protocol can answer for the error behavior's option
+    #: ``code`` (a Range, or any container that says what it holds when
+    #: printed); None: it has no codes, and ignores the option.
+    error_codes = None
+
+    @classmethod
+    def check_behavior(cls, behavior):
+        """Called with each behavior of a mix (its options set) before
+        the mix is put in force, at start-up and on each change: raise
+        ValueError when this protocol cannot do what the options ask.
+        The default refuses an error code outside ``error_codes``."""
+        codes = cls.error_codes
+        if codes is None or not isinstance(behavior, Error):
+            return
+        code = behavior.option('code')
+        if code and code not in codes:
+            raise ValueError("option 'code' must be %s for protocol '%s' "
+                             "(0 picks its usual one), not %d"
+                             % (codes, cls.name, code))
 
     def __init__(self, settings=None, proxy=None):
         self.settings = dict(settings or {})
@@ -543,7 +648,7 @@ class TCP(BaseProtocol):
 
     name = 'tcp'
     options = {
-        'buffer': ("Bytes read from a socket at a time", int, 65536),
+        'buffer': BaseProtocol.options['buffer'],
         'keep_alive': ("Turn on TCP keep-alive probes on both sockets, for "
                        "long quiet connections", bool, False),
         'reuse_socket': ("Accepted for Vaurien 1.x configurations; no "
@@ -609,6 +714,12 @@ Protocol.register(TCP)
 #: A hook's answer meaning "I dealt with this data myself": the protocol's
 #: ``_handle`` is skipped and the connection goes on.
 HANDLED = 'handled'
+
+#: The longest delay an option may ask for, in seconds: an hour.  Longer
+#: is a connection that never comes back, which ``hang`` says plainly.
+MAX_DELAY = 3600
+#: The range of an option that is a delay in milliseconds.
+DELAY_MS = Range(0, MAX_DELAY * 1000, 'milliseconds')
 
 
 class Dummy(_Configurable):
@@ -817,16 +928,12 @@ class Delay(Dummy):
     name = 'delay'
     directions = ('both', 'upstream')
     options = {
-        'sleep': ("Delay in seconds (decimals allowed)", float, 1.0),
+        'sleep': ("Delay in seconds (decimals allowed)", float, 1.0,
+                  Range(0, MAX_DELAY, 'seconds')),
         'before': ("Wait before the request goes to the backend (true) or "
                    "after it went, before the answer is relayed (false)",
                    bool, True),
     }
-
-    @staticmethod
-    def check_options(values):
-        if values['sleep'] < 0:
-            raise ValueError("option 'sleep' must be 0 or more seconds")
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         if to_backend and self.option('before'):
@@ -880,23 +987,16 @@ class Error(_Counted):
         'inject': ("Pass the request on, then splice random bytes into the "
                    "backend's real answer", bool, False),
         'warmup': ("Exchanges passed through untouched before the errors "
-                   "start", int, 0),
+                   "start", int, 0, Range(0, 10 ** 9, 'exchanges')),
         'per_connection': ("Count warmup per connection instead of across "
                            "the whole proxy", bool, False),
         'code': ("Error code for protocols that have them (HTTP status, "
                  "MySQL error number, SMTP reply code); 0 picks the "
-                 "protocol's usual one", int, 0),
+                 "protocol's usual one", int, 0, Range(0, 65535)),
         'message': ("Error text for protocols that have one (e.g. a Redis "
                     "'OOM command not allowed'); empty picks the protocol's "
                     "usual one", str, ''),
     }
-
-    @staticmethod
-    def check_options(values):
-        if values['code'] < 0:
-            raise ValueError("option 'code' must be 0 or more")
-        if values['warmup'] < 0:
-            raise ValueError("option 'warmup' must be 0 or more")
 
     def _erring(self, protocol):
         return self._next_count(protocol) >= self.option('warmup')
@@ -943,13 +1043,7 @@ class Transient(Error):
     name = 'transient'
     options = dict(Error.options)
     options['agitate'] = ("Exchanges that fail before the backend recovers",
-                          int, 1)
-
-    @staticmethod
-    def check_options(values):
-        Error.check_options(values)
-        if values['agitate'] < 0:
-            raise ValueError("option 'agitate' must be 0 or more")
+                          int, 1, Range(0, 10 ** 9, 'exchanges'))
 
     def _erring(self, protocol):
         number = self._next_count(protocol) - self.option('warmup')
@@ -1999,6 +2093,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 raise VaurienError("options given for behavior '%s', which "
                                    "is not in the mix" % name, 'options')
         mix = Mix(shares, instances)
+        for behavior in instances.values():
+            check_for_protocol(self.protocol_class, behavior)
         old, self.mix = self.mix, mix
         self.mix_generation += 1
         if self._live:
@@ -2803,13 +2899,13 @@ def _base_parser(add_help=True):
         prog='vaurien', add_help=add_help, allow_abbrev=False,
         description='A chaos TCP proxy: sits between an application and its '
                     'backend, and delays, errors, hangs or drops on purpose.',
-        epilog='Every behavior also takes --behavior-NAME-direction '
-               '(both, upstream, downstream), -scope (exchange, connection), '
-               '-after N, -every N, -times N and -clients NETWORKS: see '
-               'README.txt. Every option can also be set in the ini file '
-               'given with --config ([vaurien] section; [behavior:NAME] and '
-               '[protocol:NAME] sections for plugin options). The command '
-               'line wins over the file.')
+        epilog='Every behavior also takes --behavior-NAME-%s and -clients '
+               'NETWORKS: see README.txt. Every option can also be set in '
+               'the ini file given with --config ([vaurien] section; '
+               '[behavior:NAME] and [protocol:NAME] sections for plugin '
+               'options). The command line wins over the file.' % ', -'.join(
+                   '%s (%s)' % (name, _describe_choices(spec[3]))
+                   for name, spec in COMMON_OPTIONS.items() if len(spec) > 3))
     parser.add_argument('--config', metavar='FILE',
                         help='ini file to read settings from')
     parser.add_argument('--plugins', metavar='MODULE[,MODULE]',
@@ -2886,9 +2982,9 @@ def build_parser():
                 description, type_, default, choices = _option_spec(spec)
                 flag = '--%s-%s-%s' % (kind, name, option.replace('_', '-'))
                 dest = 'plugin:%s:%s:%s' % (kind, name, option)
-                text = '%s (default %s)' % (description, default)
+                text = '%s (default %s)' % (description, _show(default))
                 if choices:
-                    text += ': one of %s' % ', '.join(map(str, choices))
+                    text += ': %s' % _describe_choices(choices)
                 if option in COMMON_OPTIONS and option not in cls.options:
                     text = argparse.SUPPRESS    # said once, in the epilog
                 _add_flag(group, flag, dest, text, bool_flag=type_ is bool,
@@ -3039,7 +3135,7 @@ def build_server(settings, plugin_options):
     proxy = parse_address(settings['proxy'], 'proxy address', allow_zero=True)
     backend = parse_address(settings['backend'], 'backend address')
     try:
-        return ProxyServer(
+        server = ProxyServer(
             proxy, backend, protocol=protocol, behavior=settings['behavior'],
             timeout=settings['timeout'],
             idle_timeout=settings['idle_timeout'],
@@ -3051,6 +3147,15 @@ def build_server(settings, plugin_options):
                 if exc.errno == errno.EADDRINUSE else 'check --proxy')
         raise VaurienError('cannot listen on %s: %s (%s)' % (
             format_address(proxy), _os_error_text(exc), hint))
+    try:
+        # options given for a behavior set later (through the API) too
+        for name in behavior_options:
+            check_for_protocol(server.protocol_class,
+                               server.make_behavior(name)[0])
+    except VaurienError:
+        server.server_close()
+        raise
+    return server
 
 
 def list_plugins(out=None):
@@ -3073,8 +3178,7 @@ def list_plugins(out=None):
 def _list_options(out, table):
     for option, spec in sorted(table.items()):
         description, type_, default, choices = _option_spec(spec)
-        extra = ' (one of %s)' % ', '.join(map(str, choices)) \
-            if choices else ''
+        extra = ' (%s)' % _describe_choices(choices) if choices else ''
         out.write('      %s = %r  [%s] %s%s\n' % (
             option, default, type_.__name__, description, extra))
 

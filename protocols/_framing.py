@@ -272,7 +272,7 @@ class FramedProtocol(BaseProtocol):
     """A protocol that frames both streams into messages, and draws the
     behavior mix once per request instead of once per read."""
 
-    options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+    options = dict(BaseProtocol.options)
 
     def __init__(self, settings=None, proxy=None):
         super(FramedProtocol, self).__init__(settings, proxy)

@@ -1,0 +1,289 @@
+"""Bad input on the command line, in the ini file, in option values and
+through the control API: one line and exit 2, or a 400, never a proxy that
+accepts it and then fails every connection."""
+
+import http.client
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import unittest
+
+from tests import support
+from tests.support import vaurien
+
+
+def assert_one_line_error(test, args, expected, cwd=None, env=None,
+                          isolated=False, script=support.VAURIEN_PY):
+    code, out, err = support.run_vaurien(args, cwd=cwd, env=env,
+                                         isolated=isolated, script=script)
+    test.assertNotIn('Traceback', err)
+    lines = err.strip().splitlines()
+    test.assertEqual(len(lines), 1, (args, err))
+    test.assertTrue(lines[0].startswith('vaurien: error: '), err)
+    test.assertIn(expected, lines[0], args)
+    test.assertEqual(code, 2, (args, err))
+    return lines[0]
+
+
+# Option values ###########################################################
+
+BAD_NUMBERS = ['-1', '-0.5', '1e400', '1e308', '99999999999999999999',
+               'nan', 'NaN', 'inf', 'Infinity', '-inf', '', ' ', 'abc',
+               '0x10', float('nan'), float('inf'), 10 ** 30]
+
+
+def numeric_options():
+    """(kind, class, option, spec) for every numeric option of every
+    plugin found."""
+    vaurien.load_plugins()
+    for kind, registry in (('protocol', vaurien.Protocol),
+                           ('behavior', vaurien.Behavior)):
+        for name, cls in registry.items():
+            for option, spec in vaurien.option_table(cls).items():
+                if spec[1] in (int, float):
+                    yield kind, cls, option, spec
+
+
+class OptionRangeTest(unittest.TestCase):
+
+    def test_every_numeric_option_has_a_finite_range(self):
+        found = 0
+        for kind, cls, option, spec in numeric_options():
+            found += 1
+            self.assertEqual(len(spec), 4, (cls.name, option))
+            limits = spec[3]
+            self.assertIsInstance(limits, vaurien.Range, (cls.name, option))
+            self.assertTrue(math.isfinite(limits.low) and
+                            math.isfinite(limits.high), (cls.name, option))
+            self.assertIn(spec[2], limits, (cls.name, option))
+        self.assertGreater(found, 20)
+
+    def test_absurd_values_are_refused_naming_plugin_option_and_range(self):
+        for kind, cls, option, spec in numeric_options():
+            limits = spec[3]
+            for raw in BAD_NUMBERS + [limits.low - 1, limits.high * 10 + 1]:
+                try:
+                    value = vaurien.validate_options(kind, cls,
+                                                     {option: raw})[option]
+                except vaurien.VaurienError as exc:
+                    text = str(exc)
+                    self.assertIn("%s '%s'" % (kind, cls.name), text)
+                    self.assertIn("'%s'" % option, text)
+                    continue
+                # the few that pass are real numbers in range (-0.5 is
+                # not, '1e308' is not...): never NaN, never infinite
+                self.assertTrue(math.isfinite(value), (cls.name, option, raw))
+                self.assertIn(value, limits, (cls.name, option, raw))
+
+    def test_range_message(self):
+        for raw, words in [('1e308', "must be 3600 or less (from 0 to 3600 "
+                            "seconds), not 1e+308"),
+                           ('-2', 'must be 0 or more (from 0 to 3600 '
+                            'seconds), not -2'),
+                           ('Infinity', 'must be a finite number (from 0 to '
+                            '3600 seconds)'),
+                           ('NaN', 'must be a finite number')]:
+            with self.assertRaises(vaurien.VaurienError) as caught:
+                vaurien.validate_options('behavior', vaurien.Delay,
+                                         {'sleep': raw})
+            self.assertIn("behavior 'delay': option 'sleep' %s" % words,
+                          str(caught.exception))
+
+    def test_overflow_is_the_same_clear_error(self):
+        # int(float('inf')) raises OverflowError, not ValueError
+        for raw in (float('inf'), float('-inf'), 1e400):
+            with self.assertRaisesRegex(vaurien.VaurienError,
+                                        "option 'warmup' must be a whole "
+                                        "number"):
+                vaurien.validate_options('behavior', vaurien.Error,
+                                         {'warmup': raw})
+
+    def test_old_style_specs_still_work_and_refuse_nan(self):
+        class Old(vaurien.Dummy):
+            name = 'test-old-style'
+            options = {'pause': ("Seconds", float, 1.0),
+                       'count': ("How many", int, 3),
+                       'mode': ("Which", str, 'a', ('a', 'b'))}
+
+        values = vaurien.validate_options('behavior', Old, {
+            'pause': '2.5', 'count': '7', 'mode': 'b'})
+        self.assertEqual(values, {'pause': 2.5, 'count': 7, 'mode': 'b'})
+        for options in ({'pause': 'nan'}, {'pause': 'inf'},
+                        {'count': float('inf')}, {'mode': 'c'}):
+            with self.assertRaises(vaurien.VaurienError):
+                vaurien.validate_options('behavior', Old, options)
+        self.assertEqual(vaurien.validate_options(
+            'behavior', Old, {'count': 10 ** 12}), {'count': 10 ** 12})
+
+    def test_relations_stay_in_check_options(self):
+        with self.assertRaisesRegex(vaurien.VaurienError,
+                                    "'size_variation' must be less than "
+                                    "average_size"):
+            vaurien.validate_options('behavior', vaurien.Behavior.get(
+                'slicer'), {'average_size': 10, 'size_variation': 10})
+
+    def test_pareto_tail_is_capped_at_an_hour(self):
+        class Last(random.Random):
+            def random(self):
+                return 1.0 - 2.0 ** -53     # the farthest tail there is
+
+        latency = vaurien.Behavior.get('latency')()
+        latency.update_settings(vaurien.validate_options(
+            'behavior', type(latency), {
+                'distribution': 'pareto', 'shape': 0.1,
+                'latency': 3600000, 'jitter': 3600000}))
+        self.assertEqual(latency.delay(Last()), 3600.0)
+
+    def test_command_line_values(self):
+        for args, words in [
+                (['--behavior-delay-sleep', 'Infinity'],
+                 "behavior 'delay': option 'sleep' must be a finite number"),
+                (['--behavior-delay-sleep', 'NaN'], 'finite number'),
+                (['--behavior-delay-sleep', '1e308'], '3600 or less'),
+                (['--behavior-latency-latency', 'inf'], 'finite number'),
+                (['--behavior-latency-latency', '1e308'],
+                 'must be 3600000 or less (from 0 to 3600000 milliseconds)'),
+                (['--behavior-bandwidth-rate', '1e308'], 'KB/s'),
+                (['--behavior-bandwidth-rate', 'Infinity'], 'finite'),
+                (['--behavior-slicer-delay', 'nan'], "'delay'"),
+                (['--behavior-slow_open-delay', '1e308'], "'delay'"),
+                (['--behavior-error-warmup', '1e400'], 'whole number'),
+                (['--protocol-tcp-buffer', '-1'],
+                 "protocol 'tcp': option 'buffer' must be 1 or more"),
+                (['--protocol-tcp-buffer', '1000000000000'],
+                 '16777216 or less'),
+                (['--protocol-tcp-buffer', '0'], 'must be 1 or more'),
+                (['--protocol', 'http', '--protocol-http-buffer', '0'],
+                 "protocol 'http': option 'buffer'"),
+                (['--protocol', 'http', '--protocol-http-retry-after', '-1'],
+                 "'retry_after' must be 0 or more"),
+                (['--behavior-delay-every', '0'], "'every' must be 1 or more"),
+                (['--behavior-delay-times', '-1'], "'times' must be 0 or"),
+                (['--behavior-delay-after', '1e10'], 'whole number')]:
+            assert_one_line_error(self, ['--proxy', '127.0.0.1:0'] + args,
+                                  words)
+
+    def test_list_and_help_show_the_ranges(self):
+        code, out, err = support.run_vaurien(['--list'])
+        self.assertEqual(code, 0, err)
+        self.assertIn('sleep = 1.0  [float] Delay in seconds (decimals '
+                      'allowed) (from 0 to 3600 seconds)', out)
+        self.assertIn('(from 1 to 16777216 bytes)', out)
+        self.assertIn('every = 1  [int]', out)
+        self.assertIn('(from 1 to 1000000000 exchanges)', out)
+        code, out, err = support.run_vaurien(['--help'])
+        self.assertEqual(code, 0, err)
+        text = ' '.join(out.split())
+        self.assertIn('Delay in seconds (decimals allowed) (default 1): from '
+                      '0 to 3600 seconds', text)
+        self.assertIn('-every (from 1 to 1000000000 exchanges)', text)
+
+
+class ErrorCodeTest(unittest.TestCase):
+    """A code the protocol cannot send is refused when the mix is set."""
+
+    def setUp(self):
+        vaurien.load_plugins()
+
+    def test_at_start_up(self):
+        for args, words in [
+                (['--behavior-error-code', '99999'],
+                 "option 'code' must be 65535 or less"),
+                (['--protocol', 'http', '--behavior', 'error',
+                  '--behavior-error-code', '700'],
+                 "behavior 'error': option 'code' must be from 200 to 599 "
+                 "for protocol 'http'"),
+                (['--protocol', 'http', '--behavior', '10:transient',
+                  '--behavior-transient-code', '100'], 'from 200 to 599'),
+                # not in the mix yet: the API could set it later
+                (['--protocol', 'http', '--behavior-error-code', '1000'],
+                 "for protocol 'http'"),
+                (['--protocol', 'smtp', '--behavior', 'error',
+                  '--behavior-error-code', '260'],
+                 "for protocol 'smtp'"),
+                (['--protocol', 'smtp', '--behavior', 'error',
+                  '--behavior-error-code', '1451'], "protocol 'smtp'")]:
+            assert_one_line_error(self, ['--proxy', '127.0.0.1:0'] + args,
+                                  words)
+
+    def test_codes_a_protocol_can_send_are_taken(self):
+        for protocol, code in (('http', 503), ('http', 204), ('smtp', 421),
+                               ('mysql', 1213), ('mysql', 65535),
+                               ('redis', 999), ('tcp', 12345)):
+            server = vaurien.ProxyServer(
+                ('127.0.0.1', 0), ('127.0.0.1', 9), protocol=protocol,
+                behavior='error',
+                behavior_options={'error': {'code': code}})
+            server.server_close()
+
+    def test_through_the_api(self):
+        answers = []
+
+        def backend(server, conn):
+            conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok')
+
+        with support.ThreadedServer(backend) as web, \
+                vaurien.proxy(web.address, protocol='http') as proxy:
+            for body in ({'name': 'error', 'code': 700},
+                         {'name': 'error', 'code': 99999},
+                         {'behavior': '50:error+delay',
+                          'options': {'error': {'code': 42}}}):
+                with self.assertRaises(vaurien.ControlError) as caught:
+                    proxy._call('PUT', '/behavior', body)
+                answers.append(str(caught.exception))
+            self.assertEqual(proxy.get_behavior(), 'dummy')
+            with support.connect(proxy.address) as sock:
+                sock.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+                self.assertIn(b'200 OK', sock.recv(1000))
+        self.assertIn("for protocol 'http'", answers[0])
+        self.assertIn('65535 or less', answers[1])
+        self.assertIn("for protocol 'http'", answers[2])
+
+
+def http_call(address, method, path, body):
+    conn = http.client.HTTPConnection(address[0], address[1],
+                                      timeout=support.TIMEOUT)
+    try:
+        conn.request(method, path, body.encode('utf-8'),
+                     {'Content-Type': 'application/json'})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read().decode())
+    finally:
+        conn.close()
+
+
+
+class ApiValuesTest(unittest.TestCase):
+    """JSON's Infinity, NaN and 1e400 (read as infinity): a 400."""
+
+    def test_non_finite_json_numbers(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(echo.address, http=True) as proxy:
+            for body in ['{"name": "error", "warmup": Infinity}',
+                         '{"name": "error", "warmup": 1e400}',
+                         '{"name": "error", "code": -Infinity}',
+                         '{"name": "delay", "sleep": NaN}',
+                         '{"name": "delay", "sleep": Infinity}',
+                         '{"name": "delay", "sleep": 1e308}',
+                         '{"name": "latency", "latency": 1e400}',
+                         '{"name": "slow_open", "delay": 1e300}',
+                         '{"name": "bandwidth", "rate": 1e-300}',
+                         '{"name": "delay", "every": 1e400}']:
+                status, answer = http_call(proxy.http_address, 'PUT',
+                                           '/behavior', body)
+                self.assertEqual(status, 400, (body, answer))
+                self.assertEqual(answer['status'], 'error')
+            self.assertEqual(proxy.get_behavior(), 'dummy')
+            with support.connect(proxy.address) as sock:
+                self.assertEqual(support.exchange(sock, b'ok'), b'ok')
+
+
+if __name__ == '__main__':
+    unittest.main()
