@@ -59,6 +59,7 @@ import math
 import os
 import pkgutil
 import random
+import re
 import select
 import shutil
 import signal
@@ -345,7 +346,92 @@ def parse_address(text, what='address', allow_zero=False):
         raise VaurienError('malformed %s %r: port must be 1-65535%s'
                            % (what, _clip(text), ' (0 picks a free port)'
                               if allow_zero else ''))
-    return host, number
+    return check_host(host, what), number
+
+
+# a DNS label: letters, digits, hyphens inside; underscores too, which
+# real names have (docker compose services, SRV-style names)
+_LABEL = re.compile(r'(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z')
+
+
+def check_host(host, what='host'):
+    """*host* when it is an IP address or a valid DNS name (labels of 1 to
+    63 letters, digits, '-' or '_', 253 characters at most; non-ASCII
+    names as IDNA); VaurienError otherwise."""
+    try:
+        ipaddress.ip_address(host.partition('%')[0])   # fe80::1%eth0
+        return host
+    except ValueError:
+        pass
+    try:
+        name = host.encode('idna').decode('ascii')
+    except UnicodeError:
+        name = None
+    if name is not None and name.endswith('.'):
+        name = name[:-1]                # a fully qualified name
+    if not name or len(name) > 253 or not all(
+            _LABEL.match(label) for label in name.split('.')):
+        raise VaurienError('%s: %r is neither an IP address nor a host name '
+                           '(letters, digits, - and _ in dot-separated parts '
+                           'of 63 at most)' % (what, _clip(host)))
+    return host
+
+
+def _local_ip(address):
+    """Whether *address* (an ipaddress object) is one of this host's."""
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+        return True
+    except OSError:
+        return False
+
+
+def _ip(text):
+    address = ipaddress.ip_address(text.partition('%')[0])
+    return getattr(address, 'ipv4_mapped', None) or address
+
+
+def loops_back(listen, backend):
+    """Whether connecting to *backend* ``(host, port)`` reaches the
+    listener bound at *listen* (its real address, as ``getsockname``
+    says): a proxy would then connect to itself, again and again, until
+    it runs out of descriptors."""
+    if listen[1] != backend[1]:
+        return False
+    try:
+        found = socket.getaddrinfo(backend[0], backend[1], 0,
+                                   socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False        # not resolvable now: not ourselves, so far
+    bound = _ip(listen[0])
+    for info in found:
+        address = _ip(info[4][0])
+        if address.is_unspecified:      # connecting to 0.0.0.0 is local
+            address = ipaddress.ip_address('::1' if address.version == 6
+                                           else '127.0.0.1')
+        if address == bound:
+            return True
+        # 0.0.0.0 takes every local IPv4 address; :: every local one
+        if bound.is_unspecified and (bound.version == 6 or
+                                     address.version == 4):
+            if _local_ip(address):
+                return True
+    return False
+
+
+def check_not_self(server, backend, what='backend'):
+    """VaurienError when *backend* is *server*'s own listening address."""
+    if loops_back(server.server_address, backend):
+        raise VaurienError('%s %s is this proxy itself (it listens on %s): '
+                           'it would connect to itself without end; give '
+                           "the real service's address" % (
+                               what, format_address(backend),
+                               format_address(server.server_address)),
+                           'backend')
 
 
 def format_address(address):
@@ -2335,9 +2421,11 @@ class Controller(object):
             raise VaurienError('the body needs a "backend" key: "host:port"',
                                'backend')
         try:
-            self.server.backend = parse_address(backend, 'backend address')
+            address = parse_address(backend, 'backend address')
         except VaurienError as exc:
             raise VaurienError(str(exc), 'backend')
+        check_not_self(self.server, address)
+        self.server.backend = address
         logger.info('backend changed to %s (for new connections)',
                     format_address(self.server.backend))
         return {'status': 'ok'}
@@ -3148,6 +3236,7 @@ def build_server(settings, plugin_options):
         raise VaurienError('cannot listen on %s: %s (%s)' % (
             format_address(proxy), _os_error_text(exc), hint))
     try:
+        check_not_self(server, server.backend)
         # options given for a behavior set later (through the API) too
         for name in behavior_options:
             check_for_protocol(server.protocol_class,

@@ -285,5 +285,81 @@ class ApiValuesTest(unittest.TestCase):
                 self.assertEqual(support.exchange(sock, b'ok'), b'ok')
 
 
+# Host names and the proxy itself ########################################
+
+class HostTest(unittest.TestCase):
+
+    def test_parse_address_refuses_what_is_no_host_name(self):
+        for text in ['%s:80' % ('a' * 300), '%s.com:80' % ('a' * 64),
+                     'a\x00b:80', 'a b:80', '-a:80', 'a-:80', 'a..b:80',
+                     '.:80', '%s:80' % '.'.join(['abc'] * 70), '[a:b]:80',
+                     'exa\tmple:80', 'caf\u00e9\u200b\u0000:80']:
+            with self.assertRaisesRegex(vaurien.VaurienError,
+                                        'neither an IP address nor a host '
+                                        'name|brackets|malformed', msg=text):
+                vaurien.parse_address(text, 'backend address')
+
+    def test_good_names_pass(self):
+        for text, address in [
+                ('localhost:80', ('localhost', 80)),
+                ('db.example.com.:5432', ('db.example.com.', 5432)),
+                ('my_service:6379', ('my_service', 6379)),
+                ('[::1]:8000', ('::1', 8000)),
+                ('[fe80::1%eth0]:80', ('fe80::1%eth0', 80)),
+                ('10.0.0.1:80', ('10.0.0.1', 80)),
+                ('xn--caf-dma.fr:80', ('xn--caf-dma.fr', 80)),
+                ('caf\u00e9.fr:80', ('caf\u00e9.fr', 80)),
+                ('%s:1' % ('a' * 63), ('a' * 63, 1))]:
+            self.assertEqual(vaurien.parse_address(text), address)
+
+    def test_backend_that_is_the_proxy_itself_at_start_up(self):
+        port = support.free_port()
+        for proxy, backend in [
+                ('127.0.0.1:%d', '127.0.0.1:%d'),
+                ('127.0.0.1:%d', 'localhost:%d'),
+                ('localhost:%d', '127.0.0.1:%d'),
+                ('0.0.0.0:%d', '127.0.0.1:%d'),
+                ('0.0.0.0:%d', 'localhost:%d'),
+                ('127.0.0.1:%d', '0.0.0.0:%d'),
+                ('127.0.0.1:%d', '[::ffff:127.0.0.1]:%d')]:
+            assert_one_line_error(self, ['--proxy', proxy % port,
+                                         '--backend', backend % port],
+                                  'is this proxy itself')
+
+    def test_loops_back(self):
+        loops = vaurien.loops_back
+        self.assertTrue(loops(('127.0.0.1', 8000), ('localhost', 8000)))
+        self.assertTrue(loops(('0.0.0.0', 8000), ('127.0.0.7', 8000)))
+        self.assertTrue(loops(('::', 8000), ('127.0.0.1', 8000)))
+        self.assertTrue(loops(('::', 8000), (socket.gethostname(), 8000)))
+        self.assertFalse(loops(('127.0.0.1', 8000), ('127.0.0.1', 8001)))
+        self.assertFalse(loops(('127.0.0.1', 8000), ('127.0.0.2', 8000)))
+        # an address of another host: not us, whatever the port
+        self.assertFalse(loops(('0.0.0.0', 8000), ('192.0.2.1', 8000)))
+        self.assertFalse(loops(('127.0.0.1', 8000),
+                               ('no-such-host.invalid', 8000)))
+
+    def test_through_the_api(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(echo.address, http=True) as proxy:
+            host, port = proxy.address
+            for backend, words in [
+                    ('%s:%d' % (host, port), 'is this proxy itself'),
+                    ('localhost:%d' % port, 'is this proxy itself'),
+                    ('0.0.0.0:%d' % port, 'is this proxy itself'),
+                    ('a\x00b:80', 'neither an IP address nor a host name'),
+                    ('%s:80' % ('a' * 300), 'neither an IP address')]:
+                status, answer = http_call(proxy.http_address, 'PUT',
+                                           '/backend', json.dumps(
+                                               {'backend': backend}))
+                self.assertEqual(status, 400, (backend, answer))
+                error, = answer['errors']
+                self.assertEqual(error['name'], 'backend')
+                self.assertIn(words, error['description'])
+            self.assertEqual(proxy.get_backend(), '%s:%d' % echo.address)
+            with support.connect(proxy.address) as sock:
+                self.assertEqual(support.exchange(sock, b'still'), b'still')
+
+
 if __name__ == '__main__':
     unittest.main()
