@@ -2944,35 +2944,168 @@ def load_plugins(modules=(), callables=()):
 
 # Command line and configuration ##########################################
 
-DEFAULTS = collections.OrderedDict([
-    ('proxy', 'localhost:8000'),
-    ('backend', 'localhost:80'),
-    ('protocol', 'tcp'),
-    ('behavior', 'dummy'),
-    ('timeout', 30.0),
-    ('idle_timeout', 0.0),
-    ('stay_connected', False),
-    ('backlog', 2048),
-    ('cpu', 'auto'),
-    ('seed', None),
-    ('plugins', ''),
-    ('log_level', 'info'),
-    ('log_output', '-'),
-    ('statsd', False),
-    ('statsd_host', 'localhost'),
-    ('statsd_port', 8125),
-    ('statsd_prefix', 'vaurien'),
-    ('http', False),
-    ('http_host', '127.0.0.1'),
-    ('http_port', 8080),
-    ('http_token', None),
-    ('ready_file', None),
-])
-
-_SETTING_TYPES = {'timeout': float, 'idle_timeout': float,
-                  'stay_connected': bool, 'backlog': int, 'statsd': bool,
-                  'statsd_port': int, 'http': bool, 'http_port': int}
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
+
+
+class Setting(object):
+    """One core setting, declared once: its flag (``--idle-timeout``),
+    its ini key (``idle_timeout`` in [vaurien]; *statsd*: its key in
+    [statsd] too), its type, default and help, and the values it accepts:
+    *limits* (a Range), and *check*, called with the converted value,
+    which returns the value to keep or raises VaurienError."""
+
+    def __init__(self, name, default, help, metavar=None, type=str,
+                 limits=None, check=None, statsd=None):
+        self.name = name
+        self.flag = '--' + name.replace('_', '-')
+        self.default = default
+        self.help = help
+        self.metavar = metavar
+        self.type = type
+        self.limits = limits
+        self.check = check
+        self.statsd = statsd
+
+    def help_text(self):
+        """The --help line: the help, the default and the range."""
+        notes = []
+        if self.default is not None and self.default is not False and \
+                self.default != '':
+            notes.append('default %s' % _show(self.default))
+        if self.limits is not None:
+            notes.append(str(self.limits))
+        return '%s (%s)' % (self.help, '; '.join(notes)) if notes \
+            else self.help
+
+    def convert(self, value, where):
+        """*value* (text from the command line or the ini file, or a Python
+        value) converted and checked; VaurienError naming *where* and the
+        setting otherwise."""
+        if value is None:
+            return None
+        try:
+            value = convert_value(value, self.type)
+        except (TypeError, ValueError, OverflowError):
+            raise VaurienError('%s: setting %r must be %s, not %r' % (
+                where, self.name, _TYPE_WORDS[self.type], _clip(value)))
+        if self.type is float and not math.isfinite(value):
+            raise VaurienError('%s: %s must be a finite number (%s), not %r'
+                               % (where, self.name, self.limits, value))
+        if self.limits is not None:
+            problem = self.limits.problem(value)
+            if problem is not None:
+                raise VaurienError('%s: %s %s' % (where, self.name, problem))
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except VaurienError as exc:
+                raise VaurienError('%s: %s' % (where, exc))
+        return value
+
+
+def _check_log_level(level):
+    level = level.strip().lower()
+    if level not in _LOG_LEVELS:
+        raise VaurienError('unknown log level %r (use one of %s)'
+                           % (_clip(level), ', '.join(_LOG_LEVELS)))
+    return level
+
+
+def _check_prefix(prefix):
+    # the statsd line is PREFIX.NAME:COUNT|c, in ASCII
+    if not prefix or not all(c.isalnum() and ord(c) < 128 or c in '._-'
+                             for c in prefix):
+        raise VaurienError('statsd prefix %r: use letters, digits and '
+                           '._- only, e.g. vaurien' % _clip(prefix))
+    return prefix
+
+
+def _check_token(token):
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise VaurienError('the control API token must be one or more '
+                           'printable characters without spaces (leave '
+                           '--http-token out for no token)')
+    return token
+
+
+def _check_proxy(text):
+    parse_address(text, 'proxy address', allow_zero=True)
+    return text
+
+
+def _check_backend(text):
+    parse_address(text, 'backend address')
+    return text
+
+
+def _check_cpu(text):
+    _cpu_choice(text)
+    return text
+
+
+#: Every core setting; build_parser, load_settings and build_server read
+#: this, and nothing else says a default, a type or a help text.
+SETTINGS = [
+    Setting('proxy', 'localhost:8000', 'address to listen on; port 0 picks '
+            'a free one', 'HOST:PORT', check=_check_proxy),
+    Setting('backend', 'localhost:80', 'address of the backend',
+            'HOST:PORT', check=_check_backend),
+    Setting('protocol', 'tcp', 'protocol plugin', 'NAME'),
+    Setting('behavior', 'dummy', 'behavior mix, PERCENT:NAME[,...], e.g. '
+            '20:delay,5:error; the rest is dummy', 'MIX'),
+    Setting('timeout', 30.0, 'seconds allowed to connect to the backend; '
+            '0: no limit', 'SECONDS', float, Range(0, MAX_DELAY, 'seconds')),
+    Setting('idle_timeout', 0.0, 'close connections quiet both ways for '
+            'this many seconds; 0: never', 'SECONDS', float,
+            Range(0, 86400, 'seconds')),
+    Setting('stay_connected', False, 'accepted for Vaurien 1.x: '
+            'connections are never cut for being quiet unless '
+            '--idle-timeout says so', type=bool),
+    Setting('backlog', 2048, 'listen queue length', 'N', int,
+            Range(1, 65535)),
+    Setting('cpu', 'auto', 'auto: run every thread on one CPU, the one '
+            'vaurien starts on; a CPU number: run on that one; all: let the '
+            'system spread the threads', 'CPU', check=_check_cpu),
+    Setting('seed', None, 'seed for every random choice: the same seed and '
+            'traffic make the same choices', 'SEED'),
+    Setting('plugins', '', 'extra plugin modules to import '
+            '(comma-separated)', 'MODULE[,MODULE]'),
+    Setting('log_level', 'info', 'debug, info, warning, error or critical',
+            'LEVEL', check=_check_log_level),
+    Setting('log_output', '-', "'-' or stderr, stdout, or a file path",
+            'FILE'),
+    Setting('statsd', False, 'send counters to statsd', type=bool,
+            statsd='enabled'),
+    Setting('statsd_host', 'localhost', 'statsd host', 'HOST',
+            check=lambda host: check_host(host, 'statsd host'),
+            statsd='host'),
+    Setting('statsd_port', 8125, 'statsd UDP port', 'PORT', int,
+            Range(1, 65535), statsd='port'),
+    Setting('statsd_prefix', 'vaurien', 'prefix of the statsd counters',
+            'PREFIX', check=_check_prefix, statsd='prefix'),
+    Setting('http', False, 'serve the control API (REST, JSON) to read and '
+            'change the behavior live', type=bool),
+    Setting('http_host', '127.0.0.1', 'address of the control API', 'HOST',
+            check=lambda host: check_host(host, 'control API host')),
+    Setting('http_port', 8080, 'port of the control API; 0 picks a free '
+            'one', 'PORT', int, Range(0, 65535)),
+    Setting('http_token', None, 'require this bearer token on the control '
+            'API', 'TOKEN', check=_check_token),
+    Setting('ready_file', None, 'once listening, write the real addresses '
+            'there as JSON (for scripts that start vaurien on port 0)',
+            'FILE'),
+]
+_SETTINGS = collections.OrderedDict((s.name, s) for s in SETTINGS)
+#: The default of each core setting.
+DEFAULTS = collections.OrderedDict((s.name, s.default) for s in SETTINGS)
+
+
+def check_settings(settings, where='settings'):
+    """Every core setting of *settings* (a mapping; those missing take
+    their default) converted and checked, as a new OrderedDict."""
+    return collections.OrderedDict(
+        (name, setting.convert(settings.get(name, setting.default), where))
+        for name, setting in _SETTINGS.items())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -2996,8 +3129,9 @@ def _base_parser(add_help=True):
                    for name, spec in COMMON_OPTIONS.items() if len(spec) > 3))
     parser.add_argument('--config', metavar='FILE',
                         help='ini file to read settings from')
-    parser.add_argument('--plugins', metavar='MODULE[,MODULE]',
-                        help='extra plugin modules to import (comma-separated)')
+    plugins = _SETTINGS['plugins']
+    parser.add_argument(plugins.flag, metavar=plugins.metavar,
+                        help=plugins.help_text())
     return parser
 
 
@@ -3021,48 +3155,11 @@ def build_parser():
     add('--list', action='store_true',
         help='list every protocol and behavior found, with their options, '
              'and exit')
-    a = lambda flag, help, metavar=None: _add_flag(
-        parser, flag, flag[2:].replace('-', '_'), help, metavar=metavar)
-    b = lambda flag, help: _add_flag(
-        parser, flag, flag[2:].replace('-', '_'), help, bool_flag=True)
-    a('--proxy', 'address to listen on (default localhost:8000; port 0 picks '
-      'a free one)', 'HOST:PORT')
-    a('--backend', 'address of the backend (default localhost:80)',
-      'HOST:PORT')
-    a('--protocol', 'protocol plugin (default tcp)', 'NAME')
-    a('--behavior', 'behavior mix, PERCENT:NAME[,...] (e.g. 20:delay,5:error;'
-      ' the rest is dummy)', 'MIX')
-    a('--timeout', 'seconds allowed to connect to the backend (default 30)',
-      'SECONDS')
-    a('--idle-timeout', 'close connections quiet both ways for this many '
-      'seconds (default 0: never)', 'SECONDS')
-    b('--stay-connected', 'accepted for Vaurien 1.x: connections are never '
-      'cut for being quiet unless --idle-timeout says so')
-    a('--backlog', 'listen queue length (default 2048)', 'N')
-    a('--cpu', 'auto (default): run every thread on one CPU, the one '
-      'vaurien starts on; a CPU number: run on that one; all: let the '
-      'system spread the threads', 'CPU')
-    a('--seed', 'seed for every random choice: the same seed and traffic '
-      'make the same choices', 'SEED')
-    a('--log-level', 'debug, info, warning, error or critical (default info)',
-      'LEVEL')
-    a('--log-output', "'-' or stderr (default), stdout, or a file path",
-      'FILE')
-    b('--statsd', 'send counters to statsd')
-    a('--statsd-host', 'statsd host (default localhost)', 'HOST')
-    a('--statsd-port', 'statsd UDP port (default 8125)', 'PORT')
-    a('--statsd-prefix', 'prefix of the statsd counters (default vaurien)',
-      'PREFIX')
-    b('--http', 'serve the control API (REST, JSON) to read and change the '
-      'behavior live')
-    a('--http-host', 'address of the control API (default 127.0.0.1)',
-      'HOST')
-    a('--http-port', 'port of the control API (default 8080; 0 picks a '
-      'free one)', 'PORT')
-    a('--http-token', 'require this bearer token on the control API',
-      'TOKEN')
-    a('--ready-file', 'once listening, write the real addresses there as '
-      'JSON (for scripts that start vaurien on port 0)', 'FILE')
+    for setting in SETTINGS:
+        if setting.name != 'plugins':       # in _base_parser
+            _add_flag(parser, setting.flag, setting.name,
+                      setting.help_text(), bool_flag=setting.type is bool,
+                      metavar=setting.metavar)
     for kind, registry in (('protocol', Protocol), ('behavior', Behavior)):
         group = parser.add_argument_group('%s options' % kind)
         for name, cls in registry.items():
@@ -3135,25 +3232,21 @@ def load_settings(argv=None):
 
     def take(key, value, where):
         key = key.strip().replace('-', '_')
-        if key not in DEFAULTS:
+        if key not in _SETTINGS:
             raise VaurienError('%s: unknown setting %r (known: %s)'
-                               % (where, key, ', '.join(DEFAULTS)))
-        type_ = _SETTING_TYPES.get(key)
-        if type_ is not None and value is not None:
-            try:
-                value = convert_value(value, type_)
-            except (TypeError, ValueError):
-                raise VaurienError('%s: setting %r must be %s, not %r' % (
-                    where, key, _TYPE_WORDS[type_], value))
-        settings[key] = value
+                               % (where, key, ', '.join(_SETTINGS)))
+        settings[key] = _SETTINGS[key].convert(value, where)
 
     where = 'config file %r' % early.config
     for key, value in config.get('vaurien', {}).items():
         take(key, value, where + ' [vaurien]')
+    in_statsd = dict((s.statsd, s.name) for s in SETTINGS if s.statsd)
     for key, value in config.get('statsd', {}).items():
         key = key.strip().replace('-', '_')
-        take('statsd' if key == 'enabled' else 'statsd_' + key, value,
-             where + ' [statsd]')
+        if key not in in_statsd:
+            raise VaurienError('%s [statsd]: unknown key %r (known: %s)'
+                               % (where, key, ', '.join(sorted(in_statsd))))
+        take(in_statsd[key], value, where + ' [statsd]')
     for section, values in config.items():
         kind, name = _split_section(section)
         if kind:
@@ -3200,7 +3293,9 @@ def configure_logging(level='info', output='-'):
 
 
 def build_server(settings, plugin_options):
-    """A ProxyServer from checked settings (see ``load_settings``)."""
+    """A ProxyServer from the settings of ``load_settings`` (checked
+    again: a caller may make its own) and the plugins' options."""
+    settings = check_settings(settings)
     protocol = settings['protocol']
     Protocol.get(protocol)
     behavior_options = {}
@@ -3213,19 +3308,12 @@ def build_server(settings, plugin_options):
     if settings['statsd']:
         statsd = _Statsd(settings['statsd_host'], settings['statsd_port'],
                          settings['statsd_prefix'])
-    for key in ('timeout', 'idle_timeout'):
-        if settings[key] < 0:
-            raise VaurienError('%s must be 0 or more seconds' % key)
-    if settings['backlog'] < 1:
-        raise VaurienError('backlog must be 1 or more (default 2048)')
-    if settings['timeout'] == 0:
-        settings['timeout'] = None
     proxy = parse_address(settings['proxy'], 'proxy address', allow_zero=True)
     backend = parse_address(settings['backend'], 'backend address')
     try:
         server = ProxyServer(
             proxy, backend, protocol=protocol, behavior=settings['behavior'],
-            timeout=settings['timeout'],
+            timeout=settings['timeout'] or None,
             idle_timeout=settings['idle_timeout'],
             backlog=settings['backlog'], seed=settings['seed'],
             protocol_options=plugin_options.get(('protocol', protocol)),
@@ -3356,6 +3444,18 @@ def _current_cpu():
         return None
 
 
+def _cpu_choice(choice):
+    """--cpu's value: None for auto, 'all', or a CPU number."""
+    choice = str(choice).strip().lower()
+    if choice in ('auto', 'all'):
+        return None if choice == 'auto' else choice
+    cpu = int(choice) if choice.isdigit() else -1
+    if not 0 <= cpu < 1 << 16:
+        raise VaurienError('cpu must be auto, all or a CPU number, not %r'
+                           % _clip(choice))
+    return cpu
+
+
 def pin_to_cpu(choice='auto'):
     """Keep the calling thread, and the threads it starts from now on, on
     one CPU; returns that CPU's number, or None when left to the system.
@@ -3366,19 +3466,10 @@ def pin_to_cpu(choice='auto'):
     interrupt, a virtual machine exit) and cold caches.  Measured: on one
     CPU, 2.5 times the requests with 50 busy connections, at a third of
     the CPU per request (README.txt, Performance)."""
-    choice = str(choice).strip().lower()
-    if choice == 'all':
+    cpu = _cpu_choice(choice)
+    auto = cpu is None
+    if cpu == 'all':
         return None
-    if choice == 'auto':
-        cpu = None
-    else:
-        try:
-            cpu = int(choice)
-        except ValueError:
-            cpu = -1
-        if cpu < 0:
-            raise VaurienError('cpu must be auto, all or a CPU number, not '
-                               '%r' % choice)
     if not hasattr(os, 'sched_setaffinity'):
         if cpu is not None:
             raise VaurienError('cpu %d: this Python cannot pin threads to a '
@@ -3402,7 +3493,7 @@ def pin_to_cpu(choice='auto'):
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError as exc:          # a cpuset changed under us...
-        if choice != 'auto':
+        if not auto:
             raise VaurienError('cannot run on cpu %d: %s (use --cpu auto or '
                                'all)' % (cpu, _os_error_text(exc)))
         logger.warning('cannot keep threads on CPU %d (%s): using every CPU',

@@ -361,5 +361,108 @@ class HostTest(unittest.TestCase):
                 self.assertEqual(support.exchange(sock, b'still'), b'still')
 
 
+# Core settings ###########################################################
+
+class SettingsTest(unittest.TestCase):
+
+    def test_numeric_settings_refuse_every_absurd_value(self):
+        numeric = [setting for setting in vaurien.SETTINGS
+                   if setting.type in (int, float)]
+        self.assertEqual(sorted(s.name for s in numeric), [
+            'backlog', 'http_port', 'idle_timeout', 'statsd_port',
+            'timeout'])
+        for setting in numeric:
+            self.assertIsInstance(setting.limits, vaurien.Range)
+            for raw in BAD_NUMBERS + ['1e10', '99999999999']:
+                with self.assertRaises(vaurien.VaurienError,
+                                       msg=(setting.name, raw)):
+                    setting.convert(raw, 'test')
+
+    def test_command_line(self):
+        for args, words in [
+                (['--timeout', 'nan'], 'timeout must be a finite number'),
+                (['--timeout', 'inf'], 'finite number (from 0 to 3600 '
+                 'seconds)'),
+                (['--timeout', '-1'], 'timeout must be 0 or more'),
+                (['--idle-timeout', 'inf'], 'idle_timeout must be a finite'),
+                (['--idle-timeout', '1e10'], 'idle_timeout must be 86400 or '
+                 'less'),
+                (['--idle-timeout', 'nan'], 'finite'),
+                (['--statsd', '--statsd-port', '99999'],
+                 'statsd_port must be 65535 or less'),
+                (['--statsd-port', '0'], 'statsd_port must be 1 or more'),
+                (['--http', '--http-port', '99999'],
+                 'http_port must be 65535 or less'),
+                (['--http', '--http-port', '-5'], 'http_port must be 0 or '
+                 'more'),
+                (['--backlog', '99999999999'], 'backlog must be 65535 or '
+                 'less'),
+                (['--backlog', '-1'], 'backlog must be 1 or more'),
+                (['--backlog', ''], "'backlog' must be a whole number"),
+                (['--backlog', 'many'], 'whole number'),
+                (['--timeout', ''], "'timeout' must be a number"),
+                (['--http-port', '80.5'], 'whole number'),
+                (['--cpu', '99999999999999999999'], 'cpu must be auto'),
+                (['--http', '--http-token', ''], 'token'),
+                (['--statsd-prefix', 'a b'], 'statsd prefix'),
+                (['--statsd-host', 'a..b'], 'statsd host'),
+                (['--http-host', 'x' * 300], 'control API host')]:
+            line = assert_one_line_error(
+                self, ['--proxy', '127.0.0.1:0'] + args, words)
+            self.assertIn('option --%s' % args[-2].lstrip('-'), line)
+
+    def test_ini_file(self):
+        for text, words in [
+                ('[vaurien]\nhttp = true\nhttp_port = 70000\n',
+                 "[vaurien]: http_port must be 65535 or less"),
+                ('[vaurien]\ntimeout = nan\n', 'timeout must be a finite'),
+                ('[vaurien]\nidle-timeout = 1e10\n', 'idle_timeout must be'),
+                ('[vaurien]\nbacklog =\n', "'backlog' must be a whole number"),
+                ('[statsd]\nenabled = yes\nport = 99999\n',
+                 '[statsd]: statsd_port must be 65535 or less'),
+                ('[statsd]\nprot = 9125\n', "[statsd]: unknown key 'prot'"),
+                ('[behavior:delay]\nsleep = Infinity\n', 'finite number'),
+                ('[protocol:tcp]\nbuffer = 0\n', "'buffer' must be 1 or more")]:
+            with support.temp_dir() as folder:
+                path = support.write(os.path.join(folder, 'v.ini'), text)
+                assert_one_line_error(self, ['--config', path, '--proxy',
+                                             '127.0.0.1:0'], words)
+
+    def test_zero_keeps_its_meaning(self):
+        settings, options, _ = vaurien.load_settings([
+            '--proxy', '127.0.0.1:0', '--timeout', '0', '--idle-timeout', '0'])
+        server = vaurien.build_server(settings, options)
+        try:
+            self.assertIsNone(server.timeout)           # no limit
+            self.assertIsNone(server.idle_timeout)      # never
+        finally:
+            server.server_close()
+
+    def test_help_shows_defaults_and_ranges(self):
+        code, out, err = support.run_vaurien(['--help'])
+        self.assertEqual(code, 0, err)
+        text = ' '.join(out.split())
+        self.assertIn('listen queue length (default 2048; from 1 to 65535)',
+                      text)
+        self.assertIn('0: no limit (default 30; from 0 to 3600 seconds)',
+                      text)
+
+    def test_one_declaration(self):
+        """The defaults, types and help of the parser come from SETTINGS."""
+        parser = vaurien.build_parser()
+        flags = dict((action.option_strings[0], action)
+                     for action in parser._actions if action.option_strings)
+        for setting in vaurien.SETTINGS:
+            self.assertEqual(vaurien.DEFAULTS[setting.name], setting.default)
+            self.assertEqual(flags[setting.flag].help, setting.help_text())
+
+    def test_build_server_checks_settings_it_is_given(self):
+        settings, options, _ = vaurien.load_settings(['--proxy',
+                                                      '127.0.0.1:0'])
+        settings['idle_timeout'] = float('inf')
+        with self.assertRaisesRegex(vaurien.VaurienError, 'idle_timeout'):
+            vaurien.build_server(settings, options)
+
+
 if __name__ == '__main__':
     unittest.main()
