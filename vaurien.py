@@ -2879,10 +2879,17 @@ def _import_module(name, what):
     except PluginError:
         raise
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        raise PluginError("%s '%s' failed to import: %s: %s" % (
-            what, name, type(exc).__name__, exc))
+        # KeyboardInterrupt and SystemExit too: a plugin's mistake, said
+        # in one line like any other
+        raise PluginError("%s '%s' failed to import: %s" % (
+            what, name, _exception_text(exc)))
+
+
+def _exception_text(exc):
+    """'RuntimeError: oops', or 'KeyboardInterrupt' when it says nothing."""
+    text = str(exc)
+    return '%s: %s' % (type(exc).__name__, text) if text else \
+        type(exc).__name__
 
 
 def _plugin_package(installed, local):
@@ -2901,10 +2908,10 @@ def _plugin_package(installed, local):
             sys.modules[name] = module
             try:
                 spec.loader.exec_module(module)
-            except Exception as exc:
+            except BaseException as exc:
                 del sys.modules[name]
-                raise PluginError("plugin package '%s' failed to import: "
-                                  "%s: %s" % (folder, type(exc).__name__, exc))
+                raise PluginError("plugin package '%s' failed to import: %s"
+                                  % (folder, _exception_text(exc)))
         return module
     return None
 
@@ -3267,29 +3274,65 @@ def load_settings(argv=None):
     return settings, dict(plugin_options), args
 
 
+class _LogOutput(object):
+    """What vaurien's log handlers add: a record that cannot be written (a
+    full disk) is lost, and the first one says so on stderr, in one line
+    instead of logging's traceback per record; the proxy serves on."""
+
+    #: the first error writing the log, once there was one
+    failure = None
+    #: False while starting: main() says the failure, as an error
+    warn = True
+    _where = '-'
+
+    def handleError(self, record):
+        if self.failure is not None:
+            return
+        self.failure = sys.exc_info()[1]
+        if not self.warn:
+            return
+        try:
+            sys.stderr.write('vaurien: warning: cannot write the log to %s: '
+                             '%s (records are lost while it cannot be '
+                             'written; the proxy goes on)\n'
+                             % (self._where, _os_error_text(self.failure)))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass                # stderr is the log output, or is gone
+
+
+class _StreamLog(_LogOutput, logging.StreamHandler):
+    pass
+
+
+class _FileLog(_LogOutput, logging.FileHandler):
+    pass
+
+
 def configure_logging(level='info', output='-'):
-    """Send vaurien's log to stderr, stdout or a file."""
-    level = str(level).lower()
-    if level not in _LOG_LEVELS:
-        raise VaurienError('unknown log level %r (use one of %s)'
-                           % (level, ', '.join(_LOG_LEVELS)))
+    """Send vaurien's log to stderr, stdout or a file; returns the
+    handler (its ``failure`` tells whether a record could not be
+    written)."""
+    level = _check_log_level(str(level))
     if output in ('-', 'stderr', None, ''):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StreamLog(sys.stderr)
     elif output == 'stdout':
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StreamLog(sys.stdout)
     else:
         try:
-            handler = logging.FileHandler(output)
+            handler = _FileLog(output)
         except OSError as exc:
             raise VaurienError('cannot write the log to %r: %s (give '
                                '--log-output a writable path)'
                                % (output, _os_error_text(exc)))
+    handler._where = output if output not in (None, '', '-') else 'stderr'
     handler.setFormatter(logging.Formatter(
         '%(asctime)s [%(process)d] [%(levelname)s] %(message)s',
         '%Y-%m-%d %H:%M:%S'))
     logger.handlers[:] = [handler]
     logger.setLevel(getattr(logging, level.upper()))
     logger.propagate = False
+    return handler
 
 
 def build_server(settings, plugin_options):
@@ -3507,6 +3550,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['ctl']:
         return ctl_main(argv[1:])
+    server = control = None
     try:
         settings, plugin_options, args = load_settings(argv)
         if args.version:
@@ -3515,7 +3559,8 @@ def main(argv=None):
         if args.list:
             list_plugins()
             return 0
-        configure_logging(settings['log_level'], settings['log_output'])
+        log = configure_logging(settings['log_level'], settings['log_output'])
+        log.warn = False
         raise_descriptor_limit()
         # Threads waiting for the GIL each wake every switch interval to
         # claim it: with thousands of connections busy at once, the
@@ -3526,8 +3571,6 @@ def main(argv=None):
         cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
-        if settings['ready_file']:
-            write_ready_file(settings['ready_file'], server, control)
         logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
                     __version__, format_address(server.address),
                     format_address(server.backend), server.protocol_name,
@@ -3539,7 +3582,18 @@ def main(argv=None):
             logger.info('control API on http://%s%s',
                         format_address(control.address),
                         ' (bearer token required)' if control.token else '')
+        if log.failure is not None:
+            raise VaurienError('cannot write the log to %r: %s (give '
+                               '--log-output a writable path)' % (
+                                   settings['log_output'],
+                                   _os_error_text(log.failure)))
+        log.warn = True
+        if settings['ready_file']:
+            write_ready_file(settings['ready_file'], server, control)
     except VaurienError as exc:
+        for listener in (control, server):
+            if listener is not None:
+                listener.server_close()
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2
     serve(server, control)

@@ -464,5 +464,119 @@ class SettingsTest(unittest.TestCase):
             vaurien.build_server(settings, options)
 
 
+class Started(object):
+    """vaurien.py in a subprocess, found listening through --ready-file
+    (its log may go to a file)."""
+
+    def __init__(self, test, args, **popen):
+        self.folder = _temp_dir(test)
+        ready = os.path.join(self.folder, 'ready.json')
+        cmd = [sys.executable, support.VAURIEN_PY, '--proxy', '127.0.0.1:0',
+               '--ready-file', ready] + args
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE,
+                                     universal_newlines=True, **popen)
+        test.addCleanup(self.stop)
+        deadline = time.time() + support.TIMEOUT
+        while not os.path.exists(ready):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise AssertionError('vaurien did not start: %s'
+                                     % self.proc.stderr.read())
+            time.sleep(0.01)
+        with open(ready) as stream:
+            found = json.load(stream)
+        self.address = tuple(found['proxy'])
+        self.http = tuple(found['http']) if found['http'] else None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if not stream.closed:
+                stream.close()
+
+
+def _temp_dir(test):
+    manager = support.temp_dir()
+    folder = manager.__enter__()
+    test.addCleanup(manager.__exit__, None, None, None)
+    return folder
+
+
+# The log #################################################################
+
+class LogOutputTest(unittest.TestCase):
+
+    @unittest.skipUnless(os.path.exists('/dev/full'), 'needs /dev/full')
+    def test_unwritable_at_start(self):
+        assert_one_line_error(self, ['--proxy', '127.0.0.1:0', '--log-output',
+                                     '/dev/full'],
+                              "cannot write the log to '/dev/full': no space "
+                              "left on device")
+
+    @unittest.skipUnless(hasattr(os, 'fork'), 'needs preexec_fn')
+    def test_failing_later_says_so_once_and_serves_on(self):
+        import resource
+
+        def small_files():
+            # writes past 3000 bytes fail with EFBIG, as on a full disk
+            # (Python ignores SIGXFSZ)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+        with support.EchoServer() as echo:
+            log = os.path.join(_temp_dir(self), 'vaurien.log')
+            run = Started(self, ['--backend', '127.0.0.1:%d' % echo.port,
+                                 '--log-level', 'debug', '--log-output', log],
+                          preexec_fn=small_files)
+            for number in range(60):    # a debug line each, 150 bytes
+                with support.connect(run.address) as sock:
+                    self.assertEqual(support.exchange(sock, b'%d' % number),
+                                     b'%d' % number)
+            run.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(run.proc.wait(support.TIMEOUT), 0)
+            err = run.proc.stderr.read()
+        self.assertNotIn('Traceback', err)
+        self.assertNotIn('Logging error', err)
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn('vaurien: warning: cannot write the log to %s: file '
+                      'too large' % log, lines[0])
+        self.assertLessEqual(os.path.getsize(log), 3000)
+
+
+# Plugins #################################################################
+
+class PluginImportTest(unittest.TestCase):
+
+    def test_any_exception_at_import_is_one_line(self):
+        with support.temp_dir() as folder:
+            env = support.env_with_path(folder)
+            for name, code, words in [
+                    ('interrupted', 'raise KeyboardInterrupt',
+                     "plugin module 'interrupted' failed to import: "
+                     "KeyboardInterrupt"),
+                    ('exiting', 'import sys\nsys.exit(3)',
+                     'failed to import: SystemExit: 3'),
+                    ('based', 'class Odd(BaseException):\n    pass\n'
+                     'raise Odd("odd")', 'failed to import: Odd: odd')]:
+                support.write(os.path.join(folder, name + '.py'), code + '\n')
+                assert_one_line_error(self, ['--plugins', name], words,
+                                      env=env)
+
+    def test_the_plugin_package_itself(self):
+        with support.temp_dir() as folder:
+            script = os.path.join(folder, 'vaurien.py')
+            with open(support.VAURIEN_PY) as source:
+                support.write(script, source.read())
+            support.write(os.path.join(folder, 'behaviors', '__init__.py'),
+                          'raise KeyboardInterrupt\n')
+            assert_one_line_error(self, ['--list'], "plugin package '%s' "
+                                  "failed to import: KeyboardInterrupt"
+                                  % os.path.join(folder, 'behaviors'),
+                                  cwd=folder, isolated=True, script=script)
+
+
 if __name__ == '__main__':
     unittest.main()
