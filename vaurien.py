@@ -3403,29 +3403,103 @@ def _list_options(out, table):
             option, default, type_.__name__, description, extra))
 
 
-def serve(server, control=None):
-    """Serve until SIGTERM or SIGINT, then close everything."""
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
+#: The signals that stop vaurien gracefully; SIGHUP (a closed terminal,
+#: a supervisor's reload) would otherwise kill it without a word.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in
+                     ('SIGTERM', 'SIGINT', 'SIGHUP') if hasattr(signal, name))
+
+
+def serve(server, control=None, spare_cpus=()):
+    """Serve until SIGTERM, SIGINT or SIGHUP (or ``server.shutdown()``),
+    then stop accepting, stop the control API and return.
+
+    Connections still open are left to the process's exit, which closes
+    them all at once (``close_all()`` closes them in a process that goes
+    on): closing 500 busy ones in turn from here took up to a second, as
+    each close waited for the GIL behind 500 busy threads.  For the same
+    reason this thread, the one that exits, leaves the CPU the
+    connections run on for *spare_cpus* once a signal came.
+
+    The accepting runs in a thread of its own, and this one waits for a
+    byte on a socket pair (``signal.set_wakeup_fd``): it wakes at once,
+    whichever thread the signal reached.  From another thread than the
+    main one (no signals there), this one accepts, until shutdown().
+    """
     if control is not None:
         threading.Thread(target=control.serve_forever, name='vaurien-control',
                          kwargs={'poll_interval': 0.2}, daemon=True).start()
+    waiter, waker = socket.socketpair()
     previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[signum] = signal.signal(signum, stop)
-        except ValueError:      # not the main thread
-            pass
     try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
+        waker.setblocking(False)
+        try:
+            for signum in STOP_SIGNALS:
+                previous[signum] = signal.signal(signum, _on_stop_signal)
+            old_wakeup = signal.set_wakeup_fd(waker.fileno())
+        except ValueError:      # not the main thread
+            server.serve_forever(poll_interval=0.2)
+            signum = None
+        else:
+            try:
+                signum = _wait_for_stop(server, waiter, waker)
+            finally:
+                signal.set_wakeup_fd(old_wakeup)
+        if signum:
+            if spare_cpus:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, spare_cpus)
+            logger.info('%s: stopping (%d connections open)',
+                        signal.Signals(signum).name, len(server.connections))
+        # what close_all() does, but for the connections (see above)
+        server.closing = True
+        server.server_close()           # refuse new connections at once
+        server.shutdown()               # the accepting thread ends
         if control is not None:
+            # wake its loop now rather than at its next poll
+            with contextlib.suppress(OSError):
+                control.socket.shutdown(socket.SHUT_RDWR)
             control.shutdown()
             control.server_close()
-        server.close_all()
+    finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        waiter.close()
+        waker.close()
     logger.info('stopped')
+
+
+def _on_stop_signal(signum, frame):
+    """Nothing to do here: the wake-up byte tells serve()."""
+
+
+def _wait_for_stop(server, waiter, waker):
+    """Accept in a thread until a stop signal's byte comes: its number
+    (None when the accept loop ended by itself)."""
+    failure = []
+
+    def accept():
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except BaseException:
+            failure.append(sys.exc_info())
+        finally:
+            with contextlib.suppress(OSError):
+                waker.send(b'\0')      # wake serve()
+    threading.Thread(target=accept, name='vaurien-accept',
+                     daemon=True).start()
+    while True:
+        wait_readable(waiter)
+        try:
+            data = waiter.recv(256)
+        except (BlockingIOError, InterruptedError):
+            continue
+        for number in bytearray(data):
+            if number in STOP_SIGNALS:
+                return number
+            if number == 0:
+                if failure:
+                    raise failure[0][1].with_traceback(failure[0][2])
+                return None
 
 
 def start_control(settings, server):
@@ -3567,6 +3641,8 @@ def main(argv=None):
         # default 5 ms floods the scheduler.  Only when vaurien is the
         # program: a test process that imports it keeps its own setting.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        allowed = set(os.sched_getaffinity(0)) if hasattr(
+            os, 'sched_getaffinity') else set()
         # before any thread starts: they inherit the CPU
         cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
@@ -3596,7 +3672,7 @@ def main(argv=None):
                 listener.server_close()
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2
-    serve(server, control)
+    serve(server, control, allowed - {cpu} if cpu is not None else ())
     return 0
 
 

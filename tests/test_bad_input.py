@@ -578,5 +578,46 @@ class PluginImportTest(unittest.TestCase):
                                   cwd=folder, isolated=True, script=script)
 
 
+# Signals #################################################################
+
+class SignalTest(unittest.TestCase):
+
+    @unittest.skipUnless(hasattr(signal, 'SIGHUP'), 'needs SIGHUP')
+    def test_sighup_stops_gracefully(self):
+        with support.EchoServer() as echo:
+            args = ['--backend', '127.0.0.1:%d' % echo.port]
+            with support.vaurien_process(args) as (proc, address):
+                with support.connect(address) as sock:
+                    self.assertEqual(support.exchange(sock, b'a'), b'a')
+                    proc.send_signal(signal.SIGHUP)
+                    self.assertEqual(proc.wait(support.TIMEOUT), 0)
+                    self.assertTrue(support.closed_by_peer(sock))
+                err = proc.stderr.read()
+        self.assertIn('SIGHUP: stopping (1 connections open)', err)
+        self.assertIn('stopped', err)
+        self.assertNotIn('Traceback', err)
+
+    def test_sigterm_with_busy_connections(self):
+        with support.EchoServer() as echo:
+            args = ['--backend', '127.0.0.1:%d' % echo.port]
+            with support.vaurien_process(args) as (proc, address):
+                socks = [support.connect(address) for _ in range(50)]
+                try:
+                    for sock in socks:
+                        self.assertEqual(support.exchange(sock, b'a'), b'a')
+                    for sock in socks:
+                        sock.sendall(b'x' * 10000)
+                    proc.send_signal(signal.SIGTERM)
+                    self.assertEqual(proc.wait(support.TIMEOUT), 0)
+                    for sock in socks:
+                        self.assertTrue(support.closed_by_peer(sock))
+                finally:
+                    for sock in socks:
+                        sock.close()
+                err = proc.stderr.read()
+        self.assertIn('SIGTERM: stopping (50 connections open)', err)
+        self.assertNotIn('Traceback', err)
+
+
 if __name__ == '__main__':
     unittest.main()
