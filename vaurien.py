@@ -3713,8 +3713,14 @@ def ctl_main(argv):
             host, _, url_port = netloc.rpartition(':')
             if not host:
                 host, url_port = netloc, ''
-            port = port or (int(url_port) if url_port.isdigit() else None)
-        client = Client(host.strip('[]'), port or 8080, token=args.token)
+            if port is None and url_port.isdigit():
+                port = int(url_port)
+        host = check_host(host.strip('[]'), 'control API host')
+        port = 8080 if port is None else port
+        if not 1 <= port <= 65535:
+            raise VaurienError('control API port %d: give one from 1 to '
+                               '65535' % port)
+        client = Client(host, port, token=args.token)
         action = args.action
         if action == 'get-behavior':
             print(client.get_behavior())

@@ -361,6 +361,26 @@ class HostTest(unittest.TestCase):
                 self.assertEqual(support.exchange(sock, b'still'), b'still')
 
 
+class CtlTest(unittest.TestCase):
+    """`vaurien ctl`: one line and exit 1 (ctl's status for every error)."""
+
+    def test_bad_host_and_port(self):
+        for args, words in [
+                (['--port', '99999'], 'port 99999: give one from 1 to 65535'),
+                (['--port', '-5'], 'port -5: give one from 1 to 65535'),
+                (['--port', '0'], 'port 0: give one'),
+                (['--host', 'http://127.0.0.1:70000'], 'port 70000'),
+                (['--host', 'x' * 300], "control API host: 'xxx"),
+                (['--host', 'a\tb'], 'neither an IP address')]:
+            code, out, err = support.run_vaurien(['ctl'] + args + ['stats'])
+            self.assertNotIn('Traceback', err)
+            lines = err.strip().splitlines()
+            self.assertEqual(len(lines), 1, err)
+            self.assertTrue(lines[0].startswith('vaurien ctl: error: '), err)
+            self.assertIn(words, lines[0])
+            self.assertEqual(code, 1)
+
+
 # Core settings ###########################################################
 
 class SettingsTest(unittest.TestCase):
