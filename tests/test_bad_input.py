@@ -442,7 +442,8 @@ class SettingsTest(unittest.TestCase):
                  '[statsd]: statsd_port must be 65535 or less'),
                 ('[statsd]\nprot = 9125\n', "[statsd]: unknown key 'prot'"),
                 ('[behavior:delay]\nsleep = Infinity\n', 'finite number'),
-                ('[protocol:tcp]\nbuffer = 0\n', "'buffer' must be 1 or more")]:
+                ('[protocol:tcp]\nbuffer = 0\n',
+                 "'buffer' must be 1 or more")]:
             with support.temp_dir() as folder:
                 path = support.write(os.path.join(folder, 'v.ini'), text)
                 assert_one_line_error(self, ['--config', path, '--proxy',
