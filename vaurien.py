@@ -67,6 +67,7 @@ import math
 import os
 import pkgutil
 import random
+import re
 import select
 import shutil
 import signal
@@ -160,7 +161,8 @@ def convert_value(value, type_):
     if isinstance(value, bool) and type_ in (int, float):
         raise ValueError(value)
     if type_ is int and isinstance(value, float):
-        if value != int(value):
+        # int() of an infinity raises OverflowError: a ValueError here
+        if not math.isfinite(value) or value != int(value):
             raise ValueError(value)
         return int(value)
     if type_ in (int, float) and isinstance(value, str):
@@ -168,10 +170,72 @@ def convert_value(value, type_):
     return type_(value)
 
 
+class Range(object):
+    """The numbers an option accepts, from *low* to *high*, both
+    included; *unit* names them in messages, ``--help`` and ``--list``.
+
+    Put it where an option's choices go: ``'sleep': ("Delay in seconds",
+    float, 1.0, Range(0, 3600, 'seconds'))``.
+    """
+
+    def __init__(self, low, high, unit=''):
+        self.low = low
+        self.high = high
+        self.unit = unit
+
+    def __contains__(self, value):
+        # False for NaN, which compares false with everything
+        return self.low <= value <= self.high
+
+    def problem(self, value):
+        """What is wrong with *value* ('must be 0 or more ...'), or
+        None when it is in range."""
+        if value in self:
+            return None
+        if value != value:
+            need = 'a finite number'
+        elif value < self.low:
+            need = '%s or more' % _show(self.low)
+        else:
+            need = '%s or less' % _show(self.high)
+        return 'must be %s (%s), not %s' % (need, self, _show(value))
+
+    def __str__(self):
+        return ('from %s to %s %s' % (_show(self.low), _show(self.high),
+                                      self.unit)).rstrip()
+
+    def __repr__(self):
+        return 'Range(%r, %r, %r)' % (self.low, self.high, self.unit)
+
+
+def _show(value):
+    """A value as people write it: 3600, 0.001, 1e+308, localhost:80."""
+    if isinstance(value, float) and value.is_integer() and \
+            abs(value) < 1e16:
+        return '%d' % value
+    if isinstance(value, str):
+        return value or "''"
+    return repr(value)
+
+
+def _clip(text, size=60):
+    """*text* cut short for a message: a value may be a whole file."""
+    text = str(text)
+    return text if len(text) <= size else text[:size] + '...'
+
+
 def _option_spec(option):
+    """``(description, type, default, choices)`` of an options-table entry;
+    choices is None, a tuple of the values allowed, or a Range."""
     description, type_, default = option[:3]
     choices = option[3] if len(option) > 3 else None
     return description, type_, default, choices
+
+
+def _describe_choices(choices):
+    if isinstance(choices, Range):
+        return str(choices)
+    return 'one of %s' % ', '.join(map(str, choices))
 
 
 #: Options every behavior takes, beside its own: where and when it applies.
@@ -183,10 +247,11 @@ COMMON_OPTIONS = {
               "for the connection's whole life", str, 'exchange',
               ('exchange', 'connection')),
     'after': ("Pass the first N exchanges of each connection untouched",
-              int, 0),
+              int, 0, Range(0, 10 ** 9, 'exchanges')),
     'every': ("Apply only to every Nth exchange of a connection (1: each)",
-              int, 1),
-    'times': ("Apply at most N times per connection (0: no limit)", int, 0),
+              int, 1, Range(1, 10 ** 9, 'exchanges')),
+    'times': ("Apply at most N times per connection (0: no limit)", int, 0,
+              Range(0, 10 ** 9)),
     'clients': ("Apply only to clients from these addresses or networks, "
                 "comma-separated, e.g. 10.0.0.0/8,::1 (empty: every client)",
                 str, ''),
@@ -215,9 +280,6 @@ def _check_common(cls, values):
     if values['direction'] not in cls.directions:
         raise ValueError("option 'direction' must be %s: this behavior acts "
                          "on requests" % ' or '.join(cls.directions))
-    for name, least in (('after', 0), ('every', 1), ('times', 0)):
-        if values[name] < least:
-            raise ValueError("option '%s' must be %d or more" % (name, least))
     _parse_networks(values['clients'])
 
 
@@ -253,14 +315,27 @@ def validate_options(kind, cls, values):
         _, type_, _, choices = _option_spec(table[name])
         try:
             value = convert_value(raw, type_)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise VaurienError("%s: option '%s' must be %s, not %r"
                                % (label, name, _TYPE_WORDS.get(
-                                   type_, type_.__name__), raw), name)
-        if choices is not None and value not in choices:
+                                   type_, type_.__name__), _clip(raw)), name)
+        # out of range: no field, like check_options' errors (the API's
+        # answers have always named none for those)
+        if type_ is float and not math.isfinite(value):
+            # nothing waits NaN or infinite seconds: refused for every float
+            raise VaurienError("%s: option '%s' must be a finite number%s, "
+                               "not %r" % (label, name, ' (%s)' % choices
+                                           if isinstance(choices, Range)
+                                           else '', _clip(raw)))
+        if isinstance(choices, Range):
+            problem = choices.problem(value)
+            if problem is not None:
+                raise VaurienError("%s: option '%s' %s" % (label, name,
+                                                           problem))
+        elif choices is not None and value not in choices:
             raise VaurienError("%s: option '%s' must be one of %s, not %r"
                                % (label, name, ', '.join(map(str, choices)),
-                                  raw), name)
+                                  _clip(raw)), name)
         result[name] = value
     checkers = [getattr(cls, 'check_options', None)]
     if table is not cls.options:
@@ -287,13 +362,98 @@ def parse_address(text, what='address', allow_zero=False):
         raise VaurienError('malformed %s %r: put an IPv6 address in '
                            'brackets, e.g. [::1]:8000' % (what, text))
     if not sep or not host or not port.isdigit():
-        raise VaurienError('malformed %s %r%s' % (what, text, example))
+        raise VaurienError('malformed %s %r%s' % (what, _clip(text), example))
     number = int(port)
     if not (0 if allow_zero else 1) <= number <= 65535:
         raise VaurienError('malformed %s %r: port must be 1-65535%s'
-                           % (what, text, ' (0 picks a free port)'
+                           % (what, _clip(text), ' (0 picks a free port)'
                               if allow_zero else ''))
-    return host, number
+    return check_host(host, what), number
+
+
+# a DNS label: letters, digits, hyphens inside; underscores too, which
+# real names have (docker compose services, SRV-style names)
+_LABEL = re.compile(r'(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z')
+
+
+def check_host(host, what='host'):
+    """*host* when it is an IP address or a valid DNS name (labels of 1 to
+    63 letters, digits, '-' or '_', 253 characters at most; non-ASCII
+    names as IDNA); VaurienError otherwise."""
+    try:
+        ipaddress.ip_address(host.partition('%')[0])   # fe80::1%eth0
+        return host
+    except ValueError:
+        pass
+    try:
+        name = host.encode('idna').decode('ascii')
+    except UnicodeError:
+        name = None
+    if name is not None and name.endswith('.'):
+        name = name[:-1]                # a fully qualified name
+    if not name or len(name) > 253 or not all(
+            _LABEL.match(label) for label in name.split('.')):
+        raise VaurienError('%s: %r is neither an IP address nor a host name '
+                           '(letters, digits, - and _ in dot-separated parts '
+                           'of 63 at most)' % (what, _clip(host)))
+    return host
+
+
+def _local_ip(address):
+    """Whether *address* (an ipaddress object) is one of this host's."""
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+        return True
+    except OSError:
+        return False
+
+
+def _ip(text):
+    address = ipaddress.ip_address(text.partition('%')[0])
+    return getattr(address, 'ipv4_mapped', None) or address
+
+
+def loops_back(listen, backend):
+    """Whether connecting to *backend* ``(host, port)`` reaches the
+    listener bound at *listen* (its real address, as ``getsockname``
+    says): a proxy would then connect to itself, again and again, until
+    it runs out of descriptors."""
+    if listen[1] != backend[1]:
+        return False
+    try:
+        found = socket.getaddrinfo(backend[0], backend[1], 0,
+                                   socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False        # not resolvable now: not ourselves, so far
+    bound = _ip(listen[0])
+    for info in found:
+        address = _ip(info[4][0])
+        if address.is_unspecified:      # connecting to 0.0.0.0 is local
+            address = ipaddress.ip_address('::1' if address.version == 6
+                                           else '127.0.0.1')
+        if address == bound:
+            return True
+        # 0.0.0.0 takes every local IPv4 address; :: every local one
+        if bound.is_unspecified and (bound.version == 6 or
+                                     address.version == 4):
+            if _local_ip(address):
+                return True
+    return False
+
+
+def check_not_self(server, backend, what='backend'):
+    """VaurienError when *backend* is *server*'s own listening address."""
+    if loops_back(server.server_address, backend):
+        raise VaurienError('%s %s is this proxy itself (it listens on %s): '
+                           'it would connect to itself without end; give '
+                           "the real service's address" % (
+                               what, format_address(backend),
+                               format_address(server.server_address)),
+                           'backend')
 
 
 def format_address(address):
@@ -460,6 +620,17 @@ class _Configurable(object):
         return convert_value(value, type_)
 
 
+def check_for_protocol(protocol_class, behavior):
+    """VaurienError when *protocol_class* cannot serve *behavior* (each
+    part of a composite) as its options say (see
+    ``BaseProtocol.check_behavior``)."""
+    for part in getattr(behavior, 'parts', [behavior]):
+        try:
+            protocol_class.check_behavior(part)
+        except ValueError as exc:
+            raise VaurienError("behavior '%s': %s" % (part.name, exc))
+
+
 # Protocols ###############################################################
 
 class BaseProtocol(_Configurable):
@@ -480,9 +651,29 @@ class BaseProtocol(_Configurable):
     else is the socket's.
     """
 
-    options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+    options = {'buffer': ("Bytes read from a socket at a time", int, 65536,
+                          Range(1, 1 << 24, 'bytes'))}
     #: True for a protocol that starts an exchange per request itself
     frames = False
+    #: The codes this protocol can answer for the error behavior's option
+    #: ``code`` (a Range, or any container that says what it holds when
+    #: printed); None: it has no codes, and ignores the option.
+    error_codes = None
+
+    @classmethod
+    def check_behavior(cls, behavior):
+        """Called with each behavior of a mix (its options set) before
+        the mix is put in force, at start-up and on each change: raise
+        ValueError when this protocol cannot do what the options ask.
+        The default refuses an error code outside ``error_codes``."""
+        codes = cls.error_codes
+        if codes is None or not isinstance(behavior, Error):
+            return
+        code = behavior.option('code')
+        if code and code not in codes:
+            raise ValueError("option 'code' must be %s for protocol '%s' "
+                             "(0 picks its usual one), not %d"
+                             % (codes, cls.name, code))
 
     def __init__(self, settings=None, proxy=None):
         self.settings = dict(settings or {})
@@ -590,7 +781,7 @@ class TCP(BaseProtocol):
 
     name = 'tcp'
     options = {
-        'buffer': ("Bytes read from a socket at a time", int, 65536),
+        'buffer': BaseProtocol.options['buffer'],
         'keep_alive': ("Turn on TCP keep-alive probes on both sockets, for "
                        "long quiet connections", bool, False),
         'reuse_socket': ("Accepted for Vaurien 1.x configurations; no "
@@ -622,6 +813,12 @@ Protocol.register(TCP)
 #: A hook's answer meaning "I dealt with this data myself": the protocol's
 #: ``_handle`` is skipped and the connection goes on.
 HANDLED = 'handled'
+
+#: The longest delay an option may ask for, in seconds: an hour.  Longer
+#: is a connection that never comes back, which ``hang`` says plainly.
+MAX_DELAY = 3600
+#: The range of an option that is a delay in milliseconds.
+DELAY_MS = Range(0, MAX_DELAY * 1000, 'milliseconds')
 
 
 class Dummy(_Configurable):
@@ -806,16 +1003,12 @@ class Delay(Dummy):
     name = 'delay'
     directions = ('both', 'upstream')
     options = {
-        'sleep': ("Delay in seconds (decimals allowed)", float, 1.0),
+        'sleep': ("Delay in seconds (decimals allowed)", float, 1.0,
+                  Range(0, MAX_DELAY, 'seconds')),
         'before': ("Wait before the request goes to the backend (true) or "
                    "after it went, before the answer is relayed (false)",
                    bool, True),
     }
-
-    @staticmethod
-    def check_options(values):
-        if values['sleep'] < 0:
-            raise ValueError("option 'sleep' must be 0 or more seconds")
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         if to_backend and self.option('before'):
@@ -871,23 +1064,16 @@ class Error(_Counted):
         'inject': ("Pass the request on, then splice random bytes into the "
                    "backend's real answer", bool, False),
         'warmup': ("Exchanges passed through untouched before the errors "
-                   "start", int, 0),
+                   "start", int, 0, Range(0, 10 ** 9, 'exchanges')),
         'per_connection': ("Count warmup per connection instead of across "
                            "the whole proxy", bool, False),
         'code': ("Error code for protocols that have them (HTTP status, "
                  "MySQL error number, SMTP reply code); 0 picks the "
-                 "protocol's usual one", int, 0),
+                 "protocol's usual one", int, 0, Range(0, 65535)),
         'message': ("Error text for protocols that have one (e.g. a Redis "
                     "'OOM command not allowed'); empty picks the protocol's "
                     "usual one", str, ''),
     }
-
-    @staticmethod
-    def check_options(values):
-        if values['code'] < 0:
-            raise ValueError("option 'code' must be 0 or more")
-        if values['warmup'] < 0:
-            raise ValueError("option 'warmup' must be 0 or more")
 
     def _erring(self, protocol):
         return self._next_count(protocol) >= self.option('warmup')
@@ -934,13 +1120,7 @@ class Transient(Error):
     name = 'transient'
     options = dict(Error.options)
     options['agitate'] = ("Exchanges that fail before the backend recovers",
-                          int, 1)
-
-    @staticmethod
-    def check_options(values):
-        Error.check_options(values)
-        if values['agitate'] < 0:
-            raise ValueError("option 'agitate' must be 0 or more")
+                          int, 1, Range(0, 10 ** 9, 'exchanges'))
 
     def _erring(self, protocol):
         number = self._next_count(protocol) - self.option('warmup')
@@ -2587,6 +2767,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 raise VaurienError("options given for behavior '%s', which "
                                    "is not in the mix" % name, 'options')
         mix = Mix(shares, instances)
+        for behavior in instances.values():
+            check_for_protocol(self.protocol_class, behavior)
         old, self.mix = self.mix, mix
         self.mix_generation += 1
         if self._live:
@@ -2854,9 +3036,11 @@ class Controller(object):
             raise VaurienError('the body needs a "backend" key: "host:port"',
                                'backend')
         try:
-            self.server.backend = parse_address(backend, 'backend address')
+            address = parse_address(backend, 'backend address')
         except VaurienError as exc:
             raise VaurienError(str(exc), 'backend')
+        check_not_self(self.server, address)
+        self.server.backend = address
         logger.info('backend changed to %s (for new connections)',
                     format_address(self.server.backend))
         return {'status': 'ok'}
@@ -3817,10 +4001,17 @@ def _import_module(name, what):
     except PluginError:
         raise
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        raise PluginError("%s '%s' failed to import: %s: %s" % (
-            what, name, type(exc).__name__, exc))
+        # KeyboardInterrupt and SystemExit too: a plugin's mistake, said
+        # in one line like any other
+        raise PluginError("%s '%s' failed to import: %s" % (
+            what, name, _exception_text(exc)))
+
+
+def _exception_text(exc):
+    """'RuntimeError: oops', or 'KeyboardInterrupt' when it says nothing."""
+    text = str(exc)
+    return '%s: %s' % (type(exc).__name__, text) if text else \
+        type(exc).__name__
 
 
 def _plugin_package(installed, local):
@@ -3839,10 +4030,10 @@ def _plugin_package(installed, local):
             sys.modules[name] = module
             try:
                 spec.loader.exec_module(module)
-            except Exception as exc:
+            except BaseException as exc:
                 del sys.modules[name]
-                raise PluginError("plugin package '%s' failed to import: "
-                                  "%s: %s" % (folder, type(exc).__name__, exc))
+                raise PluginError("plugin package '%s' failed to import: %s"
+                                  % (folder, _exception_text(exc)))
         return module
     return None
 
@@ -3895,35 +4086,168 @@ def load_plugins(modules=(), callables=()):
 
 # Command line and configuration ##########################################
 
-DEFAULTS = collections.OrderedDict([
-    ('proxy', 'localhost:8000'),
-    ('backend', 'localhost:80'),
-    ('protocol', 'tcp'),
-    ('behavior', 'dummy'),
-    ('timeout', 30.0),
-    ('idle_timeout', 0.0),
-    ('stay_connected', False),
-    ('backlog', 2048),
-    ('cpu', 'auto'),
-    ('seed', None),
-    ('plugins', ''),
-    ('log_level', 'info'),
-    ('log_output', '-'),
-    ('statsd', False),
-    ('statsd_host', 'localhost'),
-    ('statsd_port', 8125),
-    ('statsd_prefix', 'vaurien'),
-    ('http', False),
-    ('http_host', '127.0.0.1'),
-    ('http_port', 8080),
-    ('http_token', None),
-    ('ready_file', None),
-])
-
-_SETTING_TYPES = {'timeout': float, 'idle_timeout': float,
-                  'stay_connected': bool, 'backlog': int, 'statsd': bool,
-                  'statsd_port': int, 'http': bool, 'http_port': int}
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
+
+
+class Setting(object):
+    """One core setting, declared once: its flag (``--idle-timeout``),
+    its ini key (``idle_timeout`` in [vaurien]; *statsd*: its key in
+    [statsd] too), its type, default and help, and the values it accepts:
+    *limits* (a Range), and *check*, called with the converted value,
+    which returns the value to keep or raises VaurienError."""
+
+    def __init__(self, name, default, help, metavar=None, type=str,
+                 limits=None, check=None, statsd=None):
+        self.name = name
+        self.flag = '--' + name.replace('_', '-')
+        self.default = default
+        self.help = help
+        self.metavar = metavar
+        self.type = type
+        self.limits = limits
+        self.check = check
+        self.statsd = statsd
+
+    def help_text(self):
+        """The --help line: the help, the default and the range."""
+        notes = []
+        if self.default is not None and self.default is not False and \
+                self.default != '':
+            notes.append('default %s' % _show(self.default))
+        if self.limits is not None:
+            notes.append(str(self.limits))
+        return '%s (%s)' % (self.help, '; '.join(notes)) if notes \
+            else self.help
+
+    def convert(self, value, where):
+        """*value* (text from the command line or the ini file, or a Python
+        value) converted and checked; VaurienError naming *where* and the
+        setting otherwise."""
+        if value is None:
+            return None
+        try:
+            value = convert_value(value, self.type)
+        except (TypeError, ValueError, OverflowError):
+            raise VaurienError('%s: setting %r must be %s, not %r' % (
+                where, self.name, _TYPE_WORDS[self.type], _clip(value)))
+        if self.type is float and not math.isfinite(value):
+            raise VaurienError('%s: %s must be a finite number (%s), not %r'
+                               % (where, self.name, self.limits, value))
+        if self.limits is not None:
+            problem = self.limits.problem(value)
+            if problem is not None:
+                raise VaurienError('%s: %s %s' % (where, self.name, problem))
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except VaurienError as exc:
+                raise VaurienError('%s: %s' % (where, exc))
+        return value
+
+
+def _check_log_level(level):
+    level = level.strip().lower()
+    if level not in _LOG_LEVELS:
+        raise VaurienError('unknown log level %r (use one of %s)'
+                           % (_clip(level), ', '.join(_LOG_LEVELS)))
+    return level
+
+
+def _check_prefix(prefix):
+    # the statsd line is PREFIX.NAME:COUNT|c, in ASCII
+    if not prefix or not all(c.isalnum() and ord(c) < 128 or c in '._-'
+                             for c in prefix):
+        raise VaurienError('statsd prefix %r: use letters, digits and '
+                           '._- only, e.g. vaurien' % _clip(prefix))
+    return prefix
+
+
+def _check_token(token):
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise VaurienError('the control API token must be one or more '
+                           'printable characters without spaces (leave '
+                           '--http-token out for no token)')
+    return token
+
+
+def _check_proxy(text):
+    parse_address(text, 'proxy address', allow_zero=True)
+    return text
+
+
+def _check_backend(text):
+    parse_address(text, 'backend address')
+    return text
+
+
+def _check_cpu(text):
+    _cpu_choice(text)
+    return text
+
+
+#: Every core setting; build_parser, load_settings and build_server read
+#: this, and nothing else says a default, a type or a help text.
+SETTINGS = [
+    Setting('proxy', 'localhost:8000', 'address to listen on; port 0 picks '
+            'a free one', 'HOST:PORT', check=_check_proxy),
+    Setting('backend', 'localhost:80', 'address of the backend',
+            'HOST:PORT', check=_check_backend),
+    Setting('protocol', 'tcp', 'protocol plugin', 'NAME'),
+    Setting('behavior', 'dummy', 'behavior mix, PERCENT:NAME[,...], e.g. '
+            '20:delay,5:error; the rest is dummy', 'MIX'),
+    Setting('timeout', 30.0, 'seconds allowed to connect to the backend; '
+            '0: no limit', 'SECONDS', float, Range(0, MAX_DELAY, 'seconds')),
+    Setting('idle_timeout', 0.0, 'close connections quiet both ways for '
+            'this many seconds; 0: never', 'SECONDS', float,
+            Range(0, 86400, 'seconds')),
+    Setting('stay_connected', False, 'accepted for Vaurien 1.x: '
+            'connections are never cut for being quiet unless '
+            '--idle-timeout says so', type=bool),
+    Setting('backlog', 2048, 'listen queue length', 'N', int,
+            Range(1, 65535)),
+    Setting('cpu', 'auto', 'auto: run every thread on one CPU, the one '
+            'vaurien starts on; a CPU number: run on that one; all: let the '
+            'system spread the threads', 'CPU', check=_check_cpu),
+    Setting('seed', None, 'seed for every random choice: the same seed and '
+            'traffic make the same choices', 'SEED'),
+    Setting('plugins', '', 'extra plugin modules to import '
+            '(comma-separated)', 'MODULE[,MODULE]'),
+    Setting('log_level', 'info', 'debug, info, warning, error or critical',
+            'LEVEL', check=_check_log_level),
+    Setting('log_output', '-', "'-' or stderr, stdout, or a file path",
+            'FILE'),
+    Setting('statsd', False, 'send counters to statsd', type=bool,
+            statsd='enabled'),
+    Setting('statsd_host', 'localhost', 'statsd host', 'HOST',
+            check=lambda host: check_host(host, 'statsd host'),
+            statsd='host'),
+    Setting('statsd_port', 8125, 'statsd UDP port', 'PORT', int,
+            Range(1, 65535), statsd='port'),
+    Setting('statsd_prefix', 'vaurien', 'prefix of the statsd counters',
+            'PREFIX', check=_check_prefix, statsd='prefix'),
+    Setting('http', False, 'serve the control API (REST, JSON) to read and '
+            'change the behavior live', type=bool),
+    Setting('http_host', '127.0.0.1', 'address of the control API', 'HOST',
+            check=lambda host: check_host(host, 'control API host')),
+    Setting('http_port', 8080, 'port of the control API; 0 picks a free '
+            'one', 'PORT', int, Range(0, 65535)),
+    Setting('http_token', None, 'require this bearer token on the control '
+            'API', 'TOKEN', check=_check_token),
+    Setting('ready_file', None, 'once listening, write the real addresses '
+            'there as JSON (for scripts that start vaurien on port 0)',
+            'FILE'),
+]
+_SETTINGS = collections.OrderedDict((s.name, s) for s in SETTINGS)
+#: The default of each core setting.
+DEFAULTS = collections.OrderedDict((s.name, s.default) for s in SETTINGS)
+
+
+def check_settings(settings, where='settings'):
+    """Every core setting of *settings* (a mapping; those missing take
+    their default) converted and checked, as a new OrderedDict."""
+    return collections.OrderedDict(
+        (name, setting.convert(settings.get(name, setting.default), where))
+        for name, setting in _SETTINGS.items())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3938,17 +4262,18 @@ def _base_parser(add_help=True):
         prog='vaurien', add_help=add_help, allow_abbrev=False,
         description='A chaos TCP proxy: sits between an application and its '
                     'backend, and delays, errors, hangs or drops on purpose.',
-        epilog='Every behavior also takes --behavior-NAME-direction '
-               '(both, upstream, downstream), -scope (exchange, connection), '
-               '-after N, -every N, -times N and -clients NETWORKS: see '
-               'README.txt. Every option can also be set in the ini file '
-               'given with --config ([vaurien] section; [behavior:NAME] and '
-               '[protocol:NAME] sections for plugin options). The command '
-               'line wins over the file.')
+        epilog='Every behavior also takes --behavior-NAME-%s and -clients '
+               'NETWORKS: see README.txt. Every option can also be set in '
+               'the ini file given with --config ([vaurien] section; '
+               '[behavior:NAME] and [protocol:NAME] sections for plugin '
+               'options). The command line wins over the file.' % ', -'.join(
+                   '%s (%s)' % (name, _describe_choices(spec[3]))
+                   for name, spec in COMMON_OPTIONS.items() if len(spec) > 3))
     parser.add_argument('--config', metavar='FILE',
                         help='ini file to read settings from')
-    parser.add_argument('--plugins', metavar='MODULE[,MODULE]',
-                        help='extra plugin modules to import (comma-separated)')
+    plugins = _SETTINGS['plugins']
+    parser.add_argument(plugins.flag, metavar=plugins.metavar,
+                        help=plugins.help_text())
     return parser
 
 
@@ -3972,48 +4297,11 @@ def build_parser():
     add('--list', action='store_true',
         help='list every protocol and behavior found, with their options, '
              'and exit')
-    a = lambda flag, help, metavar=None: _add_flag(
-        parser, flag, flag[2:].replace('-', '_'), help, metavar=metavar)
-    b = lambda flag, help: _add_flag(
-        parser, flag, flag[2:].replace('-', '_'), help, bool_flag=True)
-    a('--proxy', 'address to listen on (default localhost:8000; port 0 picks '
-      'a free one)', 'HOST:PORT')
-    a('--backend', 'address of the backend (default localhost:80)',
-      'HOST:PORT')
-    a('--protocol', 'protocol plugin (default tcp)', 'NAME')
-    a('--behavior', 'behavior mix, PERCENT:NAME[,...] (e.g. 20:delay,5:error;'
-      ' the rest is dummy)', 'MIX')
-    a('--timeout', 'seconds allowed to connect to the backend (default 30)',
-      'SECONDS')
-    a('--idle-timeout', 'close connections quiet both ways for this many '
-      'seconds (default 0: never)', 'SECONDS')
-    b('--stay-connected', 'accepted for Vaurien 1.x: connections are never '
-      'cut for being quiet unless --idle-timeout says so')
-    a('--backlog', 'listen queue length (default 2048)', 'N')
-    a('--cpu', 'auto (default): run every thread on one CPU, the one '
-      'vaurien starts on; a CPU number: run on that one; all: let the '
-      'system spread the threads', 'CPU')
-    a('--seed', 'seed for every random choice: the same seed and traffic '
-      'make the same choices', 'SEED')
-    a('--log-level', 'debug, info, warning, error or critical (default info)',
-      'LEVEL')
-    a('--log-output', "'-' or stderr (default), stdout, or a file path",
-      'FILE')
-    b('--statsd', 'send counters to statsd')
-    a('--statsd-host', 'statsd host (default localhost)', 'HOST')
-    a('--statsd-port', 'statsd UDP port (default 8125)', 'PORT')
-    a('--statsd-prefix', 'prefix of the statsd counters (default vaurien)',
-      'PREFIX')
-    b('--http', 'serve the control API (REST, JSON) to read and change the '
-      'behavior live')
-    a('--http-host', 'address of the control API (default 127.0.0.1)',
-      'HOST')
-    a('--http-port', 'port of the control API (default 8080; 0 picks a '
-      'free one)', 'PORT')
-    a('--http-token', 'require this bearer token on the control API',
-      'TOKEN')
-    a('--ready-file', 'once listening, write the real addresses there as '
-      'JSON (for scripts that start vaurien on port 0)', 'FILE')
+    for setting in SETTINGS:
+        if setting.name != 'plugins':       # in _base_parser
+            _add_flag(parser, setting.flag, setting.name,
+                      setting.help_text(), bool_flag=setting.type is bool,
+                      metavar=setting.metavar)
     for kind, registry in (('protocol', Protocol), ('behavior', Behavior)):
         group = parser.add_argument_group('%s options' % kind)
         for name, cls in registry.items():
@@ -4021,9 +4309,9 @@ def build_parser():
                 description, type_, default, choices = _option_spec(spec)
                 flag = '--%s-%s-%s' % (kind, name, option.replace('_', '-'))
                 dest = 'plugin:%s:%s:%s' % (kind, name, option)
-                text = '%s (default %s)' % (description, default)
+                text = '%s (default %s)' % (description, _show(default))
                 if choices:
-                    text += ': one of %s' % ', '.join(map(str, choices))
+                    text += ': %s' % _describe_choices(choices)
                 if option in COMMON_OPTIONS and option not in cls.options:
                     text = argparse.SUPPRESS    # said once, in the epilog
                 _add_flag(group, flag, dest, text, bool_flag=type_ is bool,
@@ -4086,25 +4374,21 @@ def load_settings(argv=None):
 
     def take(key, value, where):
         key = key.strip().replace('-', '_')
-        if key not in DEFAULTS:
+        if key not in _SETTINGS:
             raise VaurienError('%s: unknown setting %r (known: %s)'
-                               % (where, key, ', '.join(DEFAULTS)))
-        type_ = _SETTING_TYPES.get(key)
-        if type_ is not None and value is not None:
-            try:
-                value = convert_value(value, type_)
-            except (TypeError, ValueError):
-                raise VaurienError('%s: setting %r must be %s, not %r' % (
-                    where, key, _TYPE_WORDS[type_], value))
-        settings[key] = value
+                               % (where, key, ', '.join(_SETTINGS)))
+        settings[key] = _SETTINGS[key].convert(value, where)
 
     where = 'config file %r' % early.config
     for key, value in config.get('vaurien', {}).items():
         take(key, value, where + ' [vaurien]')
+    in_statsd = dict((s.statsd, s.name) for s in SETTINGS if s.statsd)
     for key, value in config.get('statsd', {}).items():
         key = key.strip().replace('-', '_')
-        take('statsd' if key == 'enabled' else 'statsd_' + key, value,
-             where + ' [statsd]')
+        if key not in in_statsd:
+            raise VaurienError('%s [statsd]: unknown key %r (known: %s)'
+                               % (where, key, ', '.join(sorted(in_statsd))))
+        take(in_statsd[key], value, where + ' [statsd]')
     for section, values in config.items():
         kind, name = _split_section(section)
         if kind:
@@ -4125,33 +4409,71 @@ def load_settings(argv=None):
     return settings, dict(plugin_options), args
 
 
+class _LogOutput(object):
+    """What vaurien's log handlers add: a record that cannot be written (a
+    full disk) is lost, and the first one says so on stderr, in one line
+    instead of logging's traceback per record; the proxy serves on."""
+
+    #: the first error writing the log, once there was one
+    failure = None
+    #: False while starting: main() says the failure, as an error
+    warn = True
+    _where = '-'
+
+    def handleError(self, record):
+        if self.failure is not None:
+            return
+        self.failure = sys.exc_info()[1]
+        if not self.warn:
+            return
+        try:
+            sys.stderr.write('vaurien: warning: cannot write the log to %s: '
+                             '%s (records are lost while it cannot be '
+                             'written; the proxy goes on)\n'
+                             % (self._where, _os_error_text(self.failure)))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass                # stderr is the log output, or is gone
+
+
+class _StreamLog(_LogOutput, logging.StreamHandler):
+    pass
+
+
+class _FileLog(_LogOutput, logging.FileHandler):
+    pass
+
+
 def configure_logging(level='info', output='-'):
-    """Send vaurien's log to stderr, stdout or a file."""
-    level = str(level).lower()
-    if level not in _LOG_LEVELS:
-        raise VaurienError('unknown log level %r (use one of %s)'
-                           % (level, ', '.join(_LOG_LEVELS)))
+    """Send vaurien's log to stderr, stdout or a file; returns the
+    handler (its ``failure`` tells whether a record could not be
+    written)."""
+    level = _check_log_level(str(level))
     if output in ('-', 'stderr', None, ''):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StreamLog(sys.stderr)
     elif output == 'stdout':
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StreamLog(sys.stdout)
     else:
         try:
-            handler = logging.FileHandler(output)
+            handler = _FileLog(output)
         except OSError as exc:
             raise VaurienError('cannot write the log to %r: %s (give '
                                '--log-output a writable path)'
                                % (output, _os_error_text(exc)))
+    handler._where = output if output not in (None, '', '-') else 'stderr'
     handler.setFormatter(logging.Formatter(
         '%(asctime)s [%(process)d] [%(levelname)s] %(message)s',
         '%Y-%m-%d %H:%M:%S'))
     logger.handlers[:] = [handler]
     logger.setLevel(getattr(logging, level.upper()))
     logger.propagate = False
+    return handler
 
 
 def build_server(settings, plugin_options):
-    """A ProxyServer from checked settings (see ``load_settings``)."""
+    """A ProxyServer from the settings of ``load_settings`` (checked
+    again: a caller may make its own) and the plugins' options."""
+    settings = check_settings(settings)
     protocol = settings['protocol']
     Protocol.get(protocol)
     behavior_options = {}
@@ -4164,19 +4486,12 @@ def build_server(settings, plugin_options):
     if settings['statsd']:
         statsd = _Statsd(settings['statsd_host'], settings['statsd_port'],
                          settings['statsd_prefix'])
-    for key in ('timeout', 'idle_timeout'):
-        if settings[key] < 0:
-            raise VaurienError('%s must be 0 or more seconds' % key)
-    if settings['backlog'] < 1:
-        raise VaurienError('backlog must be 1 or more (default 2048)')
-    if settings['timeout'] == 0:
-        settings['timeout'] = None
     proxy = parse_address(settings['proxy'], 'proxy address', allow_zero=True)
     backend = parse_address(settings['backend'], 'backend address')
     try:
-        return ProxyServer(
+        server = ProxyServer(
             proxy, backend, protocol=protocol, behavior=settings['behavior'],
-            timeout=settings['timeout'],
+            timeout=settings['timeout'] or None,
             idle_timeout=settings['idle_timeout'],
             backlog=settings['backlog'], seed=settings['seed'],
             protocol_options=plugin_options.get(('protocol', protocol)),
@@ -4186,6 +4501,16 @@ def build_server(settings, plugin_options):
                 if exc.errno == errno.EADDRINUSE else 'check --proxy')
         raise VaurienError('cannot listen on %s: %s (%s)' % (
             format_address(proxy), _os_error_text(exc), hint))
+    try:
+        check_not_self(server, server.backend)
+        # options given for a behavior set later (through the API) too
+        for name in behavior_options:
+            check_for_protocol(server.protocol_class,
+                               server.make_behavior(name)[0])
+    except VaurienError:
+        server.server_close()
+        raise
+    return server
 
 
 def list_plugins(out=None):
@@ -4208,35 +4533,108 @@ def list_plugins(out=None):
 def _list_options(out, table):
     for option, spec in sorted(table.items()):
         description, type_, default, choices = _option_spec(spec)
-        extra = ' (one of %s)' % ', '.join(map(str, choices)) \
-            if choices else ''
+        extra = ' (%s)' % _describe_choices(choices) if choices else ''
         out.write('      %s = %r  [%s] %s%s\n' % (
             option, default, type_.__name__, description, extra))
 
 
-def serve(server, control=None):
-    """Serve until SIGTERM or SIGINT, then close everything."""
-    def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
+#: The signals that stop vaurien gracefully; SIGHUP (a closed terminal,
+#: a supervisor's reload) would otherwise kill it without a word.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in
+                     ('SIGTERM', 'SIGINT', 'SIGHUP') if hasattr(signal, name))
+
+
+def serve(server, control=None, spare_cpus=()):
+    """Serve until SIGTERM, SIGINT or SIGHUP (or ``server.shutdown()``),
+    then stop accepting, stop the control API and return.
+
+    Connections still open are left to the process's exit, which closes
+    them all at once (``close_all()`` closes them in a process that goes
+    on): closing 500 busy ones in turn from here took up to a second, as
+    each close waited for the GIL behind 500 busy threads.  For the same
+    reason this thread, the one that exits, leaves the CPU the
+    connections run on for *spare_cpus* once a signal came.
+
+    The accepting runs in a thread of its own, and this one waits for a
+    byte on a socket pair (``signal.set_wakeup_fd``): it wakes at once,
+    whichever thread the signal reached.  From another thread than the
+    main one (no signals there), this one accepts, until shutdown().
+    """
     if control is not None:
         threading.Thread(target=control.serve_forever, name='vaurien-control',
                          kwargs={'poll_interval': 0.2}, daemon=True).start()
+    waiter, waker = socket.socketpair()
     previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[signum] = signal.signal(signum, stop)
-        except ValueError:      # not the main thread
-            pass
     try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
+        waker.setblocking(False)
+        try:
+            for signum in STOP_SIGNALS:
+                previous[signum] = signal.signal(signum, _on_stop_signal)
+            old_wakeup = signal.set_wakeup_fd(waker.fileno())
+        except ValueError:      # not the main thread
+            server.serve_forever(poll_interval=0.2)
+            signum = None
+        else:
+            try:
+                signum = _wait_for_stop(server, waiter, waker)
+            finally:
+                signal.set_wakeup_fd(old_wakeup)
+        if signum:
+            if spare_cpus:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, spare_cpus)
+            logger.info('%s: stopping (%d connections open)',
+                        signal.Signals(signum).name, len(server.connections))
+        # what close_all() does, but for the connections (see above)
+        server.closing = True
+        server.server_close()           # refuse new connections at once
+        server.shutdown()               # the accepting thread ends
         if control is not None:
+            # wake its loop now rather than at its next poll
+            with contextlib.suppress(OSError):
+                control.socket.shutdown(socket.SHUT_RDWR)
             control.shutdown()
             control.server_close()
-        server.close_all()
+    finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        waiter.close()
+        waker.close()
     logger.info('stopped')
+
+
+def _on_stop_signal(signum, frame):
+    """Nothing to do here: the wake-up byte tells serve()."""
+
+
+def _wait_for_stop(server, waiter, waker):
+    """Accept in a thread until a stop signal's byte comes: its number
+    (None when the accept loop ended by itself)."""
+    failure = []
+
+    def accept():
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except BaseException:
+            failure.append(sys.exc_info())
+        finally:
+            with contextlib.suppress(OSError):
+                waker.send(b'\0')      # wake serve()
+    threading.Thread(target=accept, name='vaurien-accept',
+                     daemon=True).start()
+    while True:
+        wait_readable(waiter)
+        try:
+            data = waiter.recv(256)
+        except (BlockingIOError, InterruptedError):
+            continue
+        for number in bytearray(data):
+            if number in STOP_SIGNALS:
+                return number
+            if number == 0:
+                if failure:
+                    raise failure[0][1].with_traceback(failure[0][2])
+                return None
 
 
 def start_control(settings, server):
@@ -4298,6 +4696,18 @@ def _current_cpu():
         return None
 
 
+def _cpu_choice(choice):
+    """--cpu's value: None for auto, 'all', or a CPU number."""
+    choice = str(choice).strip().lower()
+    if choice in ('auto', 'all'):
+        return None if choice == 'auto' else choice
+    cpu = int(choice) if choice.isdigit() else -1
+    if not 0 <= cpu < 1 << 16:
+        raise VaurienError('cpu must be auto, all or a CPU number, not %r'
+                           % _clip(choice))
+    return cpu
+
+
 def pin_to_cpu(choice='auto'):
     """Keep the calling thread, and the threads it starts from now on, on
     one CPU; returns that CPU's number, or None when left to the system.
@@ -4308,19 +4718,10 @@ def pin_to_cpu(choice='auto'):
     interrupt, a virtual machine exit) and cold caches.  Measured: on one
     CPU, 2.5 times the requests with 50 busy connections, at a third of
     the CPU per request (README.txt, Performance)."""
-    choice = str(choice).strip().lower()
-    if choice == 'all':
+    cpu = _cpu_choice(choice)
+    auto = cpu is None
+    if cpu == 'all':
         return None
-    if choice == 'auto':
-        cpu = None
-    else:
-        try:
-            cpu = int(choice)
-        except ValueError:
-            cpu = -1
-        if cpu < 0:
-            raise VaurienError('cpu must be auto, all or a CPU number, not '
-                               '%r' % choice)
     if not hasattr(os, 'sched_setaffinity'):
         if cpu is not None:
             raise VaurienError('cpu %d: this Python cannot pin threads to a '
@@ -4344,7 +4745,7 @@ def pin_to_cpu(choice='auto'):
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError as exc:          # a cpuset changed under us...
-        if choice != 'auto':
+        if not auto:
             raise VaurienError('cannot run on cpu %d: %s (use --cpu auto or '
                                'all)' % (cpu, _os_error_text(exc)))
         logger.warning('cannot keep threads on CPU %d (%s): using every CPU',
@@ -4358,6 +4759,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['ctl']:
         return ctl_main(argv[1:])
+    server = control = None
     try:
         settings, plugin_options, args = load_settings(argv)
         if args.version:
@@ -4366,19 +4768,20 @@ def main(argv=None):
         if args.list:
             list_plugins()
             return 0
-        configure_logging(settings['log_level'], settings['log_output'])
+        log = configure_logging(settings['log_level'], settings['log_output'])
+        log.warn = False
         raise_descriptor_limit()
         # Threads waiting for the GIL each wake every switch interval to
         # claim it: with thousands of connections busy at once, the
         # default 5 ms floods the scheduler.  Only when vaurien is the
         # program: a test process that imports it keeps its own setting.
         sys.setswitchinterval(SWITCH_INTERVAL)
+        allowed = set(os.sched_getaffinity(0)) if hasattr(
+            os, 'sched_getaffinity') else set()
         # before any thread starts: they inherit the CPU
         cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
-        if settings['ready_file']:
-            write_ready_file(settings['ready_file'], server, control)
         logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
                     __version__, format_address(server.address),
                     format_address(server.backend), server.protocol_name,
@@ -4390,10 +4793,21 @@ def main(argv=None):
             logger.info('control API on http://%s%s',
                         format_address(control.address),
                         ' (bearer token required)' if control.token else '')
+        if log.failure is not None:
+            raise VaurienError('cannot write the log to %r: %s (give '
+                               '--log-output a writable path)' % (
+                                   settings['log_output'],
+                                   _os_error_text(log.failure)))
+        log.warn = True
+        if settings['ready_file']:
+            write_ready_file(settings['ready_file'], server, control)
     except VaurienError as exc:
+        for listener in (control, server):
+            if listener is not None:
+                listener.server_close()
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2
-    serve(server, control)
+    serve(server, control, allowed - {cpu} if cpu is not None else ())
     return 0
 
 
@@ -4434,8 +4848,14 @@ def ctl_main(argv):
             host, _, url_port = netloc.rpartition(':')
             if not host:
                 host, url_port = netloc, ''
-            port = port or (int(url_port) if url_port.isdigit() else None)
-        client = Client(host.strip('[]'), port or 8080, token=args.token)
+            if port is None and url_port.isdigit():
+                port = int(url_port)
+        host = check_host(host.strip('[]'), 'control API host')
+        port = 8080 if port is None else port
+        if not 1 <= port <= 65535:
+            raise VaurienError('control API port %d: give one from 1 to '
+                               '65535' % port)
+        client = Client(host, port, token=args.token)
         action = args.action
         if action == 'get-behavior':
             print(client.get_behavior())

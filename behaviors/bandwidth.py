@@ -29,16 +29,11 @@ class Bandwidth(vaurien.Dummy):
     name = 'bandwidth'
     options = {
         'rate': ("Rate in KB/s (1 KB = 1000 bytes; decimals allowed), in "
-                 "each direction", float, 100.0),
+                 "each direction", float, 100.0,
+                 vaurien.Range(0.001, 10 ** 7, 'KB/s')),
         'shared': ("One budget (per direction) for all the connections of "
                    "the proxy, instead of one per connection", bool, False),
     }
-
-    @staticmethod
-    def check_options(values):
-        if not (0 < values['rate'] < float('inf')):
-            raise ValueError("option 'rate' must be more than 0 KB/s, not %r"
-                             % (values['rate'],))
 
     def __init__(self):
         super(Bandwidth, self).__init__()

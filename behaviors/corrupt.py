@@ -21,14 +21,9 @@ class Corrupt(vaurien.Dummy):
     name = 'corrupt'
     options = {
         'probability': ("Chance that a byte gets one bit flipped, from 0 "
-                        "to 1 (per byte, e.g. 0.001)", float, 0.001),
+                        "to 1 (per byte, e.g. 0.001)", float, 0.001,
+                        vaurien.Range(0, 1)),
     }
-
-    @staticmethod
-    def check_options(values):
-        if not (0 <= values['probability'] <= 1):
-            raise ValueError("option 'probability' must be from 0 to 1 (per "
-                             "byte), not %r" % (values['probability'],))
 
     def _gap(self, rng, probability):
         """Bytes left intact before the next corrupted one: geometric,

@@ -4,6 +4,8 @@ import math
 
 import vaurien
 
+_LONGEST = vaurien.MAX_DELAY * 1000.0     # milliseconds
+
 
 class Latency(vaurien.Dummy):
     """Delays each chunk by ``latency`` milliseconds, give or take
@@ -28,27 +30,17 @@ class Latency(vaurien.Dummy):
     name = 'latency'
     options = {
         'latency': ("Delay added to each chunk, in milliseconds", float,
-                    100.0),
+                    100.0, vaurien.DELAY_MS),
         'jitter': ("Spread of the delay, in milliseconds: the half-width "
                    "(uniform), the standard deviation (normal) or the "
-                   "scale of the tail (pareto); 0 for none", float, 0.0),
+                   "scale of the tail (pareto); 0 for none", float, 0.0,
+                   vaurien.DELAY_MS),
         'distribution': ("How the delay is drawn around latency", str,
                          'uniform', ('uniform', 'normal', 'pareto')),
         'shape': ("Tail index of the pareto distribution (no unit): "
                   "smaller is a heavier tail; the mean is finite above 1",
-                  float, 2.0),
+                  float, 2.0, vaurien.Range(0.1, 1000)),
     }
-
-    @staticmethod
-    def check_options(values):
-        for name in ('latency', 'jitter'):
-            value = values[name]
-            if not (0 <= value < float('inf')):
-                raise ValueError("option '%s' must be 0 or more "
-                                 "milliseconds, not %r" % (name, value))
-        if not (0 < values['shape'] < float('inf')):
-            raise ValueError("option 'shape' must be more than 0, not %r"
-                             % (values['shape'],))
 
     def delay(self, rng):
         """One chunk's delay, in seconds."""
@@ -66,7 +58,8 @@ class Latency(vaurien.Dummy):
                 math.pow(1.0 - rng.random(), -1.0 / shape) - 1.0)
         else:
             value = latency + jitter * (2.0 * rng.random() - 1.0)
-        return max(0.0, value) / 1000.0
+        # a tail draw may be years: no delay is longer than an hour
+        return min(max(0.0, value), _LONGEST) / 1000.0
 
     def on_chunk(self, flow, data, at):
         return [(at + self.delay(flow.rng), data)]

@@ -10,14 +10,8 @@ class LimitData(vaurien.Dummy):
     name = 'limit_data'
     options = {
         'bytes': ("Bytes passed in each direction before the connection "
-                  "is closed", int, 1024),
+                  "is closed", int, 1024, vaurien.Range(1, 10 ** 12, 'bytes')),
     }
-
-    @staticmethod
-    def check_options(values):
-        if values['bytes'] <= 0:
-            raise ValueError("option 'bytes' must be 1 or more bytes, not %r"
-                             % (values['bytes'],))
 
     def on_chunk(self, flow, data, at):
         state = flow.state

@@ -11,14 +11,9 @@ class ResetPeer(vaurien.Dummy):
     name = 'reset_peer'
     options = {
         'timeout': ("Time from the first chunk to the reset, in "
-                    "milliseconds; 0 resets at once", float, 0.0),
+                    "milliseconds; 0 resets at once", float, 0.0,
+                    vaurien.DELAY_MS),
     }
-
-    @staticmethod
-    def check_options(values):
-        if not (0 <= values['timeout'] < float('inf')):
-            raise ValueError("option 'timeout' must be 0 or more "
-                             "milliseconds, not %r" % (values['timeout'],))
 
     def new_state(self):
         return {'started': False}

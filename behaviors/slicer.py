@@ -16,26 +16,23 @@ class Slicer(vaurien.Dummy):
 
     name = 'slicer'
     options = {
-        'average_size': ("Average size of a slice, in bytes", int, 64),
+        'average_size': ("Average size of a slice, in bytes", int, 64,
+                         vaurien.Range(1, 1 << 24, 'bytes')),
         'size_variation': ("Slice sizes vary by up to this many bytes either "
-                           "way (less than average_size)", int, 32),
-        'delay': ("Time between two slices, in microseconds", float, 1000.0),
+                           "way (less than average_size)", int, 32,
+                           vaurien.Range(0, (1 << 24) - 1, 'bytes')),
+        'delay': ("Time between two slices, in microseconds", float, 1000.0,
+                  vaurien.Range(0, vaurien.MAX_DELAY * 10 ** 6,
+                                'microseconds')),
     }
 
     @staticmethod
     def check_options(values):
         average = values['average_size']
-        variation = values['size_variation']
-        if average <= 0:
-            raise ValueError("option 'average_size' must be 1 or more bytes, "
-                             "not %r" % (average,))
-        if not 0 <= variation < average:
-            raise ValueError("option 'size_variation' must be 0 or more "
-                             "bytes, and less than average_size (%d), not %r"
-                             % (average, variation))
-        if not (0 <= values['delay'] < float('inf')):
-            raise ValueError("option 'delay' must be 0 or more "
-                             "microseconds, not %r" % (values['delay'],))
+        if values['size_variation'] >= average:
+            raise ValueError("option 'size_variation' must be less than "
+                             "average_size (%d), not %r"
+                             % (average, values['size_variation']))
 
     def on_chunk(self, flow, data, at):
         average = self.option('average_size')

@@ -10,14 +10,8 @@ class SlowClose(vaurien.Dummy):
     name = 'slow_close'
     options = {
         'delay': ("Time the end of the stream is held back, in "
-                  "milliseconds", float, 1000.0),
+                  "milliseconds", float, 1000.0, vaurien.DELAY_MS),
     }
-
-    @staticmethod
-    def check_options(values):
-        if not (0 <= values['delay'] < float('inf')):
-            raise ValueError("option 'delay' must be 0 or more "
-                             "milliseconds, not %r" % (values['delay'],))
 
     def on_end(self, flow, at):
         return at + self.option('delay') / 1000.0

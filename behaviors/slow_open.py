@@ -13,14 +13,8 @@ class SlowOpen(vaurien.Dummy):
     name = 'slow_open'
     options = {
         'delay': ("Time before the backend is connected, in milliseconds",
-                  float, 1000.0),
+                  float, 1000.0, vaurien.DELAY_MS),
     }
-
-    @staticmethod
-    def check_options(values):
-        if not (0 <= values['delay'] < float('inf')):
-            raise ValueError("option 'delay' must be 0 or more "
-                             "milliseconds, not %r" % (values['delay'],))
 
     def on_open(self, connection):
         delay = self.option('delay') / 1000.0

@@ -12,14 +12,8 @@ class Timeout(vaurien.Dummy):
     options = {
         'timeout': ("Time from the first swallowed chunk to the close, in "
                     "milliseconds; 0 never closes (a black hole)", float,
-                    0.0),
+                    0.0, vaurien.DELAY_MS),
     }
-
-    @staticmethod
-    def check_options(values):
-        if not (0 <= values['timeout'] < float('inf')):
-            raise ValueError("option 'timeout' must be 0 or more "
-                             "milliseconds, not %r" % (values['timeout'],))
 
     def new_state(self):
         return {'started': False}

@@ -356,7 +356,7 @@ class FramedProtocol(BaseProtocol):
     exchange's hooks (``Exchange.before``, ``between``, ``after``) at the
     request's and the answer's boundaries."""
 
-    options = {'buffer': ("Bytes read from a socket at a time", int, 65536)}
+    options = dict(BaseProtocol.options)
     frames = True
 
     def __init__(self, settings=None, proxy=None):

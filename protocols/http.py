@@ -183,14 +183,11 @@ class HTTP(FramedProtocol):
             bool, False),
         'retry_after': (
             "Seconds put in a Retry-After header of the error behavior's "
-            "answers; 0 sends none", int, 0),
+            "answers; 0 sends none", int, 0,
+            vaurien.Range(0, 86400, 'seconds')),
     })
-
-    @staticmethod
-    def check_options(values):
-        if values['retry_after'] < 0:
-            raise ValueError("option 'retry_after' must be 0 or more "
-                             "seconds")
+    #: a final answer: a 1xx would leave the client waiting for another
+    error_codes = vaurien.Range(200, 599)
 
     # requests
 

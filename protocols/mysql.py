@@ -131,6 +131,8 @@ class MySQL(FramedProtocol):
 
     name = 'mysql'
     options = dict(FramedProtocol.options)
+    #: the error packet carries the number in two bytes
+    error_codes = vaurien.Range(1, 65535)
 
     def __init__(self, settings=None, proxy=None):
         super(MySQL, self).__init__(settings, proxy)

@@ -53,6 +53,17 @@ class MessageScanner(object):
         return end, False, None
 
 
+class _ReplyCodes(object):
+    """The reply codes RFC 5321 allows: three digits, the first 2 to 5,
+    the second 0 to 5."""
+
+    def __contains__(self, code):
+        return 200 <= code <= 559 and code // 10 % 10 <= 5
+
+    def __str__(self):
+        return 'a reply code from 200 to 559 whose second digit is 0 to 5'
+
+
 class SMTP(FramedProtocol):
     """SMTP: the behavior mix is drawn per command and per message, and
     ``error`` answers an SMTP reply (451 by default, or the behavior's
@@ -60,6 +71,7 @@ class SMTP(FramedProtocol):
 
     name = 'smtp'
     options = dict(FramedProtocol.options)
+    error_codes = _ReplyCodes()
 
     def __init__(self, settings=None, proxy=None):
         super(SMTP, self).__init__(settings, proxy)
