@@ -651,8 +651,15 @@ class BaseProtocol(_Configurable):
     else is the socket's.
     """
 
-    options = {'buffer': ("Bytes read from a socket at a time", int, 65536,
-                          Range(1, 1 << 24, 'bytes'))}
+    options = {
+        'buffer': ("Bytes read from a socket at a time", int, 65536,
+                   Range(1, 1 << 24, 'bytes')),
+        'keep_alive': ("Turn on TCP keep-alive probes on both sockets, for "
+                       "long quiet connections", bool, False),
+        'reuse_socket': ("Accepted for Vaurien 1.x configurations; no "
+                         "effect (each client gets its own backend "
+                         "connection)", bool, False),
+    }
     #: True for a protocol that starts an exchange per request itself
     frames = False
     #: The codes this protocol can answer for the error behavior's option
@@ -684,7 +691,11 @@ class BaseProtocol(_Configurable):
                          else 65536)
 
     def setup(self, client, backend):
-        """Called once the backend is connected, before any data moves."""
+        """Called once the backend is connected, before any data moves
+        (subclasses that replace it call it)."""
+        if self.option('keep_alive'):
+            for sock in (client, backend):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def _handle(self, source, dest, to_backend):
         """Read what *source* has and pass it on to *dest*.
@@ -780,19 +791,6 @@ class TCP(BaseProtocol):
     half-close."""
 
     name = 'tcp'
-    options = {
-        'buffer': BaseProtocol.options['buffer'],
-        'keep_alive': ("Turn on TCP keep-alive probes on both sockets, for "
-                       "long quiet connections", bool, False),
-        'reuse_socket': ("Accepted for Vaurien 1.x configurations; no "
-                         "effect (each client gets its own backend "
-                         "connection)", bool, False),
-    }
-
-    def setup(self, client, backend):
-        if self.option('keep_alive'):
-            for sock in (client, backend):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def _handle(self, source, dest, to_backend):
         data = self._get_data(source)
@@ -2482,9 +2480,14 @@ class _Statsd(object):
     """Counters sent as plain statsd UDP lines; names have a bounded set
     of values (no per-connection ids)."""
 
-    def __init__(self, host=None, port=8125, prefix='vaurien'):
+    def __init__(self, host=None, port=8125, prefix='vaurien',
+                 sample_rate=1.0):
         self.enabled = bool(host)
         self.prefix = prefix
+        #: the share of counts sent, each one standing for 1/rate (statsd
+        #: multiplies it back)
+        self.sample_rate = sample_rate
+        self._tail = '|c' if sample_rate >= 1 else '|c|@%g' % sample_rate
         if self.enabled:
             self.address = (host, port)
             self.sock = socket.socket(
@@ -2495,7 +2498,10 @@ class _Statsd(object):
     def incr(self, name, count=1):
         if not self.enabled:
             return
-        line = ('%s.%s:%d|c' % (self.prefix, name, count)).encode('ascii')
+        if self.sample_rate < 1 and random.random() >= self.sample_rate:
+            return
+        line = ('%s.%s:%d%s' % (self.prefix, name, count,
+                                self._tail)).encode('ascii')
         try:
             self.sock.sendto(line, self.address)
         except OSError:
@@ -4097,9 +4103,12 @@ class Setting(object):
     which returns the value to keep or raises VaurienError."""
 
     def __init__(self, name, default, help, metavar=None, type=str,
-                 limits=None, check=None, statsd=None):
+                 limits=None, check=None, statsd=None, ignored=None):
         self.name = name
         self.flag = '--' + name.replace('_', '-')
+        #: the flag's other spellings: Vaurien 1.x's --statsd.host...
+        self.aliases = ['--statsd.' + statsd.replace('_', '-')] if statsd \
+            else []
         self.default = default
         self.help = help
         self.metavar = metavar
@@ -4107,6 +4116,9 @@ class Setting(object):
         self.limits = limits
         self.check = check
         self.statsd = statsd
+        #: why a Vaurien 1.x setting that means nothing any more is
+        #: accepted, and ignored with a warning at start-up
+        self.ignored = ignored
 
     def help_text(self):
         """The --help line: the help, the default and the range."""
@@ -4225,6 +4237,9 @@ SETTINGS = [
             Range(1, 65535), statsd='port'),
     Setting('statsd_prefix', 'vaurien', 'prefix of the statsd counters',
             'PREFIX', check=_check_prefix, statsd='prefix'),
+    Setting('statsd_sample_rate', 1.0, 'share of the counts sent to '
+            'statsd (each with @RATE, as statsd clients do)', 'RATE', float,
+            Range(0.001, 1), statsd='sample_rate'),
     Setting('http', False, 'serve the control API (REST, JSON) to read and '
             'change the behavior live', type=bool),
     Setting('http_host', '127.0.0.1', 'address of the control API', 'HOST',
@@ -4236,6 +4251,19 @@ SETTINGS = [
     Setting('ready_file', None, 'once listening, write the real addresses '
             'there as JSON (for scripts that start vaurien on port 0)',
             'FILE'),
+    # Vaurien 1.x's, with no meaning any more: accepted, and ignored
+    Setting('bufsize', None, '', 'BYTES', int, Range(1, 1 << 24, 'bytes'),
+            ignored='each protocol reads with its own buffer option, e.g. '
+            '--protocol-tcp-buffer'),
+    Setting('pool_max_size', None, '', 'N', int, Range(0, 10 ** 6),
+            ignored='vaurien keeps no pool of backend connections: each '
+            'client has its own'),
+    Setting('pool_timeout', None, '', 'SECONDS', float,
+            Range(0, MAX_DELAY, 'seconds'), ignored='vaurien keeps no pool '
+            'of backend connections'),
+    Setting('sync', None, '', type=bool, ignored='every connection runs '
+            'in a thread of its own, with no event loop to make '
+            'synchronous'),
 ]
 _SETTINGS = collections.OrderedDict((s.name, s) for s in SETTINGS)
 #: The default of each core setting.
@@ -4277,15 +4305,17 @@ def _base_parser(add_help=True):
     return parser
 
 
-def _add_flag(parser, flag, dest, help, bool_flag=False, metavar=None):
+def _add_flag(parser, flag, dest, help, bool_flag=False, metavar=None,
+              aliases=()):
+    flags = [flag] + [alias for alias in aliases if alias != flag]
     if bool_flag:
-        parser.add_argument(flag, dest=dest, nargs='?', const='true',
+        parser.add_argument(*flags, dest=dest, nargs='?', const='true',
                             default=None, metavar='BOOL', help=help)
         parser.add_argument('--no-' + flag[2:], dest=dest,
                             action='store_const', const='false',
                             help=argparse.SUPPRESS)
     else:
-        parser.add_argument(flag, dest=dest, default=None, metavar=metavar,
+        parser.add_argument(*flags, dest=dest, default=None, metavar=metavar,
                             help=help)
 
 
@@ -4300,14 +4330,21 @@ def build_parser():
     for setting in SETTINGS:
         if setting.name != 'plugins':       # in _base_parser
             _add_flag(parser, setting.flag, setting.name,
-                      setting.help_text(), bool_flag=setting.type is bool,
-                      metavar=setting.metavar)
+                      argparse.SUPPRESS if setting.ignored
+                      else setting.help_text(),
+                      bool_flag=setting.type is bool,
+                      metavar=setting.metavar, aliases=setting.aliases)
     for kind, registry in (('protocol', Protocol), ('behavior', Behavior)):
         group = parser.add_argument_group('%s options' % kind)
         for name, cls in registry.items():
             for option, spec in sorted(option_table(cls).items()):
                 description, type_, default, choices = _option_spec(spec)
-                flag = '--%s-%s-%s' % (kind, name, option.replace('_', '-'))
+                # dashes for underscores, in the plugin's name too; the
+                # spelling with its underscores still works
+                flag = '--%s-%s-%s' % (kind, name.replace('_', '-'),
+                                       option.replace('_', '-'))
+                aliases = ['--%s-%s-%s' % (kind, name,
+                                           option.replace('_', '-'))]
                 dest = 'plugin:%s:%s:%s' % (kind, name, option)
                 text = '%s (default %s)' % (description, _show(default))
                 if choices:
@@ -4316,12 +4353,15 @@ def build_parser():
                     text = argparse.SUPPRESS    # said once, in the epilog
                 _add_flag(group, flag, dest, text, bool_flag=type_ is bool,
                           metavar=_TYPE_WORDS.get(type_, 'VALUE')
-                          .split()[-1].upper())
+                          .split()[-1].upper(), aliases=aliases)
     return parser
 
 
-def read_config(path):
-    """The ini file as ``{section: {key: value}}``."""
+def read_config(path, _reading=()):
+    """The ini file as ``{section: {key: value}}``, with Vaurien 1.x's
+    conventions: ``[DEFAULT] extends = FILE`` (or several, one a line)
+    reads those files first, this one's values winning; ``${VAR}`` is the
+    environment variable VAR; a value in double quotes loses them."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding='utf-8') as stream:
@@ -4333,8 +4373,43 @@ def read_config(path):
         text = str(exc).replace('\n', ' ').strip()
         raise VaurienError('malformed config file %r: %s (see vaurien.ini '
                            'for the format)' % (path, text))
-    return dict((section, dict(parser.items(section)))
-                for section in parser.sections())
+    config = {}
+    extends = parser.defaults().pop('extends', '')
+    for other in extends.split('\n'):
+        other = _ini_value(other, path)
+        if not other:
+            continue
+        other = os.path.join(os.path.dirname(os.path.abspath(path)),
+                             os.path.expanduser(other))
+        if os.path.abspath(other) in _reading:
+            raise VaurienError('config file %r extends %r, which extends it '
+                               'again' % (path, other))
+        for section, values in read_config(
+                other, _reading + (os.path.abspath(path),)).items():
+            config.setdefault(section, {}).update(values)
+    for section in parser.sections():
+        config.setdefault(section, {}).update(
+            (key, _ini_value(value, path))
+            for key, value in parser.items(section))
+    return config
+
+
+_ENV_VAR = re.compile(r'\$\{(\w+)\}')
+
+
+def _ini_value(value, path):
+    value = value.strip()
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        return value[1:-1]
+
+    def variable(found):
+        name = found.group(1)
+        if name not in os.environ:
+            raise VaurienError('config file %r: ${%s} is not set in the '
+                               'environment (set it, or write the value)'
+                               % (path, name))
+        return os.environ[name]
+    return _ENV_VAR.sub(variable, value)
 
 
 def _split_section(section):
@@ -4485,7 +4560,8 @@ def build_server(settings, plugin_options):
     statsd = None
     if settings['statsd']:
         statsd = _Statsd(settings['statsd_host'], settings['statsd_port'],
-                         settings['statsd_prefix'])
+                         settings['statsd_prefix'],
+                         settings['statsd_sample_rate'])
     proxy = parse_address(settings['proxy'], 'proxy address', allow_zero=True)
     backend = parse_address(settings['backend'], 'backend address')
     try:
@@ -4754,6 +4830,12 @@ def pin_to_cpu(choice='auto'):
     return cpu
 
 
+def _say(message, *args):
+    """Log *message* at info level, whatever the level set."""
+    logger.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0,
+                                    message, args, None))
+
+
 def main(argv=None):
     """The ``vaurien`` command.  Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -4782,17 +4864,21 @@ def main(argv=None):
         cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
         control = start_control(settings, server)
-        logger.info('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
-                    __version__, format_address(server.address),
-                    format_address(server.backend), server.protocol_name,
-                    server.mix)
+        # where it listens is said whatever the log level (port 0 picks)
+        _say('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
+             __version__, format_address(server.address),
+             format_address(server.backend), server.protocol_name,
+             server.mix)
         if cpu is not None:
             logger.info('running on CPU %d (--cpu all lets threads use every '
                         'CPU)', cpu)
         if control is not None:
-            logger.info('control API on http://%s%s',
-                        format_address(control.address),
-                        ' (bearer token required)' if control.token else '')
+            _say('control API on http://%s%s', format_address(control.address),
+                 ' (bearer token required)' if control.token else '')
+        for setting in SETTINGS:
+            if setting.ignored and settings[setting.name] is not None:
+                logger.warning('ignoring Vaurien 1.x setting %s: %s',
+                               setting.name, setting.ignored)
         if log.failure is not None:
             raise VaurienError('cannot write the log to %r: %s (give '
                                '--log-output a writable path)' % (

@@ -389,8 +389,9 @@ class SettingsTest(unittest.TestCase):
         numeric = [setting for setting in vaurien.SETTINGS
                    if setting.type in (int, float)]
         self.assertEqual(sorted(s.name for s in numeric), [
-            'backlog', 'http_port', 'idle_timeout', 'statsd_port',
-            'timeout'])
+            'backlog', 'bufsize', 'http_port', 'idle_timeout',
+            'pool_max_size', 'pool_timeout', 'statsd_port',
+            'statsd_sample_rate', 'timeout'])
         for setting in numeric:
             self.assertIsInstance(setting.limits, vaurien.Range)
             for raw in BAD_NUMBERS + ['1e10', '99999999999']:
@@ -475,7 +476,9 @@ class SettingsTest(unittest.TestCase):
                      for action in parser._actions if action.option_strings)
         for setting in vaurien.SETTINGS:
             self.assertEqual(vaurien.DEFAULTS[setting.name], setting.default)
-            self.assertEqual(flags[setting.flag].help, setting.help_text())
+            self.assertEqual(flags[setting.flag].help,
+                             vaurien.argparse.SUPPRESS if setting.ignored
+                             else setting.help_text())
 
     def test_build_server_checks_settings_it_is_given(self):
         settings, options, _ = vaurien.load_settings(['--proxy',

@@ -340,6 +340,199 @@ class AfterTheFallBackTest(unittest.TestCase):
                 self.assertTrue(support.closed_by_peer(sock))
 
 
+ONE_X_INI = """
+[vaurien]
+proxy = 127.0.0.1:0
+backend = 127.0.0.1:%(port)d
+behavior = 100:dummy
+bufsize = 8192
+timeout = 30
+stay_connected = false
+pool_max_size = 100
+pool_timeout = 30
+sync = false
+backlog = 8192
+
+[statsd]
+enabled = false
+host = localhost
+port = 8125
+prefix = vaurien
+sample_rate = 1.0
+"""
+
+
+class OneXConfigurationTest(unittest.TestCase):
+    """Vaurien 1.x's ini files and command lines start, its settings with
+    no meaning any more each ignored with one warning."""
+
+    def start(self, args, folder=None):
+        return support.vaurien_process(args, cwd=folder)
+
+    def test_a_1x_ini_file_with_its_defaults(self):
+        with support.EchoServer() as echo, support.temp_dir() as folder:
+            ini = support.write(os.path.join(folder, 'vaurien.ini'),
+                                ONE_X_INI % {'port': echo.port})
+            with self.start(['--config', ini]) as (proc, address):
+                with support.connect(address) as sock:
+                    self.assertEqual(support.exchange(sock, b'1.x'), b'1.x')
+                proc.terminate()
+                err = proc.stderr.read()
+        for key in ('bufsize', 'pool_max_size', 'pool_timeout', 'sync'):
+            self.assertEqual(err.count('ignoring Vaurien 1.x setting %s:'
+                                       % key), 1, err)
+        self.assertNotIn('Traceback', err)
+
+    def test_1x_flags_and_statsd_spellings(self):
+        stats = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stats.bind(('127.0.0.1', 0))
+        stats.settimeout(5)
+        self.addCleanup(stats.close)
+        with support.EchoServer() as echo, self.start([
+                '--backend', '127.0.0.1:%d' % echo.port,
+                '--bufsize', '8192', '--pool-max-size', '100',
+                '--pool-timeout', '30', '--sync', '--stay-connected',
+                '--statsd.enabled', '--statsd.host', '127.0.0.1',
+                '--statsd.port', str(stats.getsockname()[1]),
+                '--statsd.prefix', 'old', '--statsd.sample-rate', '1']) as (
+                    proc, address):
+            with support.connect(address) as sock:
+                support.exchange(sock, b'x')
+            line = stats.recv(1000)
+        self.assertTrue(line.startswith(b'old.'), line)
+
+    def test_the_sample_rate_is_followed(self):
+        stats = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stats.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        stats.bind(('127.0.0.1', 0))
+        self.addCleanup(stats.close)
+        client = vaurien._Statsd('127.0.0.1', stats.getsockname()[1],
+                                 'v', sample_rate=0.25)
+        for _ in range(800):
+            client.incr('x')
+        stats.settimeout(0.5)
+        got = []
+        try:
+            while True:
+                got.append(stats.recv(100))
+        except socket.timeout:
+            pass
+        self.assertEqual(set(got), {b'v.x:1|c|@0.25'})
+        self.assertTrue(120 < len(got) < 280, len(got))
+
+    def test_keep_alive_and_reuse_socket_on_every_protocol(self):
+        vaurien.load_plugins()
+        for name in ('tcp', 'http', 'redis', 'memcache', 'mysql', 'smtp'):
+            values = vaurien.validate_options(
+                'protocol', vaurien.Protocol.get(name),
+                {'keep_alive': 'true', 'reuse_socket': 'true'})
+            self.assertEqual(values, {'keep_alive': True,
+                                      'reuse_socket': True})
+        with support.EchoServer() as echo, support.Proxy(
+                echo.address, protocol='http',
+                protocol_options={'keep_alive': True}) as proxy:
+            with proxy.connect() as sock:
+                sock.sendall(b'GET / HTTP/1.1\r\n')
+                deadline = time.time() + 5
+                while not proxy.server.connections and time.time() < deadline:
+                    time.sleep(0.01)
+                conn, = proxy.server.connections.values()
+                while conn.backend is None and time.time() < deadline:
+                    time.sleep(0.01)
+                for side in (conn.client, conn.backend):
+                    self.assertTrue(side.sock.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def test_ini_reader_conventions(self):
+        with support.EchoServer() as echo, support.temp_dir() as folder:
+            support.write(os.path.join(folder, 'base.ini'), textwrap.dedent(
+                """
+                [vaurien]
+                proxy = 127.0.0.1:0
+                backend = 127.0.0.1:1
+                behavior = "delay"
+
+                [behavior:delay]
+                sleep = 2
+                """))
+            ini = support.write(os.path.join(folder, 'main.ini'),
+                                textwrap.dedent(
+                                    """
+                                    [DEFAULT]
+                                    extends = base.ini
+
+                                    [vaurien]
+                                    backend = 127.0.0.1:${ECHO_PORT}
+
+                                    [behavior:delay]
+                                    sleep = "0"
+                                    """))
+            env = dict(os.environ, ECHO_PORT=str(echo.port))
+            code, out, err = support.run_command([
+                '-c', 'import sys, json; sys.path.insert(0, %r); '
+                'import vaurien; s, o, _ = vaurien.load_settings(sys.argv[1:]);'
+                'print(json.dumps([s["backend"], s["behavior"], '
+                'o[("behavior", "delay")]]))' % support.ROOT,
+                '--config', ini], env=env)
+        self.assertEqual((code, err), (0, ''))
+        import json
+        self.assertEqual(json.loads(out), ['127.0.0.1:%d' % echo.port,
+                                           'delay', {'sleep': '0'}])
+
+    def test_an_unset_variable_is_one_line(self):
+        with support.temp_dir() as folder:
+            ini = support.write(os.path.join(folder, 'v.ini'),
+                                '[vaurien]\nbackend = ${NO_SUCH_VAURIEN_VAR}\n')
+            code, out, err = support.run_vaurien(['--config', ini, '--list'])
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn('NO_SUCH_VAURIEN_VAR', err)
+
+    def test_option_flags_take_dashes(self):
+        vaurien.load_plugins()
+        for flag in ('--behavior-limit-data-bytes',
+                     '--behavior-limit_data-bytes'):
+            _, options, _ = vaurien.load_settings([flag, '7'])
+            self.assertEqual(options[('behavior', 'limit_data')],
+                             {'bytes': '7'})
+
+    def test_where_the_api_listens_is_said_at_any_log_level(self):
+        with support.EchoServer() as echo:
+            cmd = [sys.executable, support.VAURIEN_PY, '--log-level',
+                   'warning', '--http', '--http-port', '0', '--proxy',
+                   '127.0.0.1:0', '--backend', '127.0.0.1:%d' % echo.port]
+            proc = support.subprocess.Popen(
+                cmd, stderr=support.subprocess.PIPE,
+                stdout=support.subprocess.DEVNULL, universal_newlines=True)
+            try:
+                lines = read_lines(proc.stderr, 2, deadline=10)
+            finally:
+                proc.kill()
+                proc.wait(5)
+                proc.stderr.close()
+        self.assertIn('proxying 127.0.0.1:', lines[0])
+        self.assertIn('control API on http://127.0.0.1:', lines[1])
+
+
+def read_lines(stream, count, deadline):
+    """Up to *count* lines of a pipe, waiting at most *deadline* seconds
+    for them: a test never hangs on a line that does not come."""
+    import select
+    lines = []
+    stop = time.time() + deadline
+    text = ''
+    fd = stream.fileno()
+    while len(lines) < count and time.time() < stop:
+        if not select.select([fd], [], [], max(0, stop - time.time()))[0]:
+            break
+        chunk = os.read(fd, 4096).decode()
+        if not chunk:
+            break
+        text += chunk
+        lines = text.splitlines(True)
+    return (lines + [''] * count)[:count]
+
+
 class BlackoutTest(unittest.TestCase):
 
     def test_blackout_is_a_clean_end_not_a_reset(self):
