@@ -58,6 +58,7 @@ import http.client
 import http.server
 import importlib
 import importlib.util
+import inspect
 import io
 import ipaddress
 import itertools
@@ -2913,6 +2914,98 @@ def _decision_fields(behavior):
     return cached
 
 
+class Call(object):
+    """One call of the control API, declared once (see CALLS): the HTTP
+    method and path the server routes to its Controller's *handler*, the
+    method *name* that the Python client (Client, proxy()) gets, and the
+    action of ``vaurien ctl`` (*ctl*).
+
+    *request* makes the call's body (PUT) or query (GET) from the client
+    method's arguments, and its signature is that method's: required
+    parameters become ctl's positional arguments, the others its flags, a
+    ``**options`` the free ``--NAME VALUE`` pairs.  *answer* is the key of
+    the answer that the method returns (None: all of it).
+    """
+
+    def __init__(self, name, method, path, handler, help, answer=None,
+                 request=None, ctl=None):
+        self.name = name
+        self.method = method
+        self.path = path
+        self.handler = handler
+        self.help = help
+        self.answer = answer
+        self.request = request
+        self.ctl = ctl
+
+    def client_method(self):
+        call = self
+
+        def method(self, *args, **kwargs):
+            path, body = call.path, None
+            if call.request is not None:
+                body = call.request(*args, **kwargs)
+            if call.method == 'GET':
+                if body:
+                    path += '?' + urllib.parse.urlencode(body)
+                body = None
+            answer = self._call(call.method, path, body)
+            return answer if call.answer is None else answer[call.answer]
+        method.__name__ = self.name
+        method.__doc__ = self.help
+        if self.request is not None:
+            method.__wrapped__ = self.request     # its signature
+        return method
+
+
+def _backend_text(backend):
+    return backend if isinstance(backend, str) else format_address(backend)
+
+
+#: The control API, call by call: the one list the server's routes, the
+#: Python client's methods and ``vaurien ctl``'s actions come from.
+CALLS = [
+    Call('get_behavior', 'GET', '/behavior', 'get_behavior',
+         'The behavior in force: a name, or a mix like 20:delay,10:error.',
+         answer='behavior', ctl='get-behavior'),
+    Call('get_behavior_options', 'GET', '/behavior', 'get_behavior',
+         'The option values in force, by behavior name.', answer='options'),
+    Call('set_behavior', 'PUT', '/behavior', 'set_behavior',
+         'Put behavior NAME (or a mix) in force, with these options; options '
+         'left out take the proxy\'s configured values.',
+         request=lambda name, **options: dict(options, name=name),
+         ctl='set-behavior'),
+    Call('set_mix', 'PUT', '/behavior', 'set_behavior',
+         "Put a mix in force, e.g. set_mix('20:delay,10:error', {'delay': "
+         "{'sleep': 0.5}}).",
+         request=lambda mix, options=None: {'behavior': mix,
+                                            'options': options or {}}),
+    Call('list_behaviors', 'GET', '/behaviors', 'list_behaviors',
+         'The behaviors the proxy knows.', answer='behaviors',
+         ctl='list-behaviors'),
+    Call('get_backend', 'GET', '/backend', 'get_backend',
+         'Where new connections go, HOST:PORT.', answer='backend',
+         ctl='get-backend'),
+    Call('set_backend', 'PUT', '/backend', 'set_backend',
+         "Send new connections to BACKEND ('host:port' or a tuple).",
+         request=lambda backend: {'backend': _backend_text(backend)},
+         ctl='set-backend'),
+    Call('connections', 'GET', '/connections', 'connections',
+         'The open connections.', answer='connections', ctl='connections'),
+    Call('stats', 'GET', '/stats', 'stats', 'Counts since the start.',
+         ctl='stats'),
+    Call('health', 'GET', '/health', 'health', 'Whether the proxy serves.',
+         ctl='health'),
+    Call('version', 'GET', '/version', 'version', "The proxy's version.",
+         answer='version', ctl='version'),
+    Call('decisions', 'GET', '/decisions', 'decisions',
+         'The decisions kept (exchanges that met a behavior other than '
+         'dummy), oldest first; those after decision SINCE only.',
+         answer='decisions', request=lambda since=0: {'since': since},
+         ctl='decisions'),
+]
+
+
 class Controller(object):
     """What the control API can do to one proxy, as a table of routes:
     ``call(method, path, body)`` -> ``(status, answer)``.  The HTTP front
@@ -2924,18 +3017,14 @@ class Controller(object):
         # every API thread calls this one Controller at once: the query of
         # the request a thread is answering is that thread's own
         self._request = threading.local()
-        self.routes = {
-            '/behavior': {'GET': self.get_behavior, 'PUT': self.set_behavior,
-                          'POST': self.set_behavior},
-            '/behaviors': {'GET': self.list_behaviors},
-            '/backend': {'GET': self.get_backend, 'PUT': self.set_backend,
-                         'POST': self.set_backend},
-            '/connections': {'GET': self.connections},
-            '/stats': {'GET': self.stats},
-            '/version': {'GET': self.version},
-            '/health': {'GET': self.health},
-            '/decisions': {'GET': self.decisions},
-        }
+        self.routes = {}
+        for call in CALLS:
+            route = self.routes.setdefault(call.path, {})
+            handler = getattr(self, call.handler)
+            # Vaurien 1.x's clients POST where ours PUT
+            for method in ((call.method, 'POST') if call.method == 'PUT'
+                           else (call.method,)):
+                route[method] = handler
 
     @property
     def query(self):
@@ -3697,56 +3786,8 @@ class ControlError(VaurienError):
 
 
 class _ControlMethods(object):
-    """The control calls, on top of ``self._call(method, path, body)``."""
-
-    def get_behavior(self):
-        """The behavior in force: a name, or a mix like 20:delay,10:error."""
-        return self._call('GET', '/behavior')['behavior']
-
-    def get_behavior_options(self):
-        """Option values in force, by behavior name."""
-        return self._call('GET', '/behavior')['options']
-
-    def set_behavior(self, name, **options):
-        """Put behavior *name* (or a mix) in force, with these options;
-        options left out take the proxy's configured values."""
-        body = {'name': name}
-        body.update(options)
-        return self._call('PUT', '/behavior', body)
-
-    def set_mix(self, mix, options=None):
-        """Put a mix in force, e.g. ``set_mix('20:delay,10:error',
-        {'delay': {'sleep': 0.5}})``."""
-        return self._call('PUT', '/behavior',
-                          {'behavior': mix, 'options': options or {}})
-
-    def list_behaviors(self):
-        return self._call('GET', '/behaviors')['behaviors']
-
-    def get_backend(self):
-        return self._call('GET', '/backend')['backend']
-
-    def set_backend(self, backend):
-        """New connections go to *backend* ('host:port' or a tuple)."""
-        if not isinstance(backend, str):
-            backend = format_address(backend)
-        return self._call('PUT', '/backend', {'backend': backend})
-
-    def connections(self):
-        return self._call('GET', '/connections')['connections']
-
-    def stats(self):
-        return self._call('GET', '/stats')
-
-    def health(self):
-        return self._call('GET', '/health')
-
-    def version(self):
-        return self._call('GET', '/version')['version']
-
-    def decisions(self, since=0):
-        """The proxy's decisions (non-dummy behaviors met), oldest first."""
-        return self._call('GET', '/decisions?since=%d' % since)['decisions']
+    """The control calls (one method per Call of CALLS), on top of
+    ``self._call(method, path, body)``."""
 
     @contextlib.contextmanager
     def with_behavior(self, name, **options):
@@ -3768,6 +3809,11 @@ class _ControlMethods(object):
                 raise
 
     behavior = with_behavior
+
+
+for _call in CALLS:
+    setattr(_ControlMethods, _call.name, _call.client_method())
+del _call
 
 
 class Client(_ControlMethods):
@@ -4289,7 +4335,9 @@ def _base_parser(add_help=True):
     parser = _Parser(
         prog='vaurien', add_help=add_help, allow_abbrev=False,
         description='A chaos TCP proxy: sits between an application and its '
-                    'backend, and delays, errors, hangs or drops on purpose.',
+                    'backend, and delays, errors, hangs or drops on purpose. '
+                    '"vaurien ctl ACTION" drives a running one (see vaurien '
+                    'ctl --help).',
         epilog='Every behavior also takes --behavior-NAME-%s and -clients '
                'NETWORKS: see README.txt. Every option can also be set in '
                'the ini file given with --config ([vaurien] section; '
@@ -4897,71 +4945,105 @@ def main(argv=None):
     return 0
 
 
-def ctl_main(argv):
-    """``vaurien ctl``: the control API from the command line."""
-    parser = _Parser(prog='vaurien ctl', allow_abbrev=False,
-                     description='Read or change the behavior of a running '
-                                 'vaurien (started with --http).')
-    parser.add_argument('--host', default='localhost',
-                        help='host of the control API, or its URL '
-                             '(default localhost)')
-    parser.add_argument('--port', type=int, default=None,
-                        help='port of the control API (default 8080)')
-    parser.add_argument('--token', default=None,
-                        help='bearer token (--http-token of the proxy)')
+def ctl_main(argv=None):
+    """``vaurien ctl`` (and ``vaurienctl``): the control API from the
+    command line, an action per call of CALLS."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    where = _Parser(add_help=False)
+    # they may come before the action or after it, as with Vaurien 1.x
+    where.add_argument('--host', default=argparse.SUPPRESS,
+                       help='host of the control API, or its URL, e.g. '
+                            'http://localhost:8080 (default localhost)')
+    where.add_argument('--port', type=int, default=argparse.SUPPRESS,
+                       help='port of the control API (default 8080)')
+    where.add_argument('--token', default=argparse.SUPPRESS,
+                       help='bearer token (--http-token of the proxy)')
+    parser = _Parser(prog='vaurien ctl', allow_abbrev=False, parents=[where],
+                     description='Read or change what a running vaurien '
+                                 '(started with --http) does.')
     actions = parser.add_subparsers(dest='action', metavar='ACTION')
-    actions.add_parser('get-behavior', help='print the behavior in force')
-    setter = actions.add_parser(
-        'set-behavior', help='set a behavior (or a mix): set-behavior delay '
-        '--sleep 2, set-behavior 20:delay,10:error')
-    setter.add_argument('name')
-    actions.add_parser('list-behaviors', help='list the known behaviors')
-    actions.add_parser('get-backend', help='print the backend')
-    backend = actions.add_parser('set-backend',
-                                 help='send new connections to HOST:PORT')
-    backend.add_argument('backend', metavar='HOST:PORT')
-    for name in ('connections', 'stats', 'health'):
-        actions.add_parser(name, help='print /%s as JSON' % name)
+    calls = {}
+    for call in CALLS:
+        if call.ctl is None:
+            continue
+        calls[call.ctl] = call
+        action = actions.add_parser(call.ctl, parents=[where],
+                                    help=call.help.split('.')[0].lower(),
+                                    description=call.help)
+        for name, param in _ctl_parameters(call):
+            if param.kind == param.VAR_KEYWORD:
+                continue        # --NAME VALUE options, read below
+            if param.default is param.empty:
+                action.add_argument(name, metavar=name.upper())
+            else:
+                action.add_argument('--' + name, default=param.default,
+                                    type=type(param.default))
     try:
         args, extra = parser.parse_known_args(argv)
         if args.action is None:
             raise VaurienError('which action? (see vaurien ctl --help)')
-        if extra and args.action != 'set-behavior':
+        call = calls[args.action]
+        takes_options = any(param.kind == param.VAR_KEYWORD
+                            for _, param in _ctl_parameters(call))
+        if extra and not takes_options:
             parser.error('unrecognized arguments: %s' % ' '.join(extra))
-        host, port = args.host, args.port
-        if '://' in host:
-            netloc = host.split('://', 1)[1].split('/', 1)[0]
-            host, _, url_port = netloc.rpartition(':')
-            if not host:
-                host, url_port = netloc, ''
-            if port is None and url_port.isdigit():
-                port = int(url_port)
-        host = check_host(host.strip('[]'), 'control API host')
-        port = 8080 if port is None else port
-        if not 1 <= port <= 65535:
-            raise VaurienError('control API port %d: give one from 1 to '
-                               '65535' % port)
-        client = Client(host, port, token=args.token)
-        action = args.action
-        if action == 'get-behavior':
-            print(client.get_behavior())
-        elif action == 'set-behavior':
-            client.set_mix(args.name, _mix_options(args.name, extra))
-            print('behavior changed to %s' % client.get_behavior())
-        elif action == 'list-behaviors':
-            print(', '.join(client.list_behaviors()))
-        elif action == 'get-backend':
-            print(client.get_backend())
-        elif action == 'set-backend':
-            client.set_backend(args.backend)
-            print('backend changed to %s' % client.get_backend())
+        client = _ctl_client(getattr(args, 'host', 'localhost'),
+                             getattr(args, 'port', None),
+                             getattr(args, 'token', None))
+        values = [getattr(args, name) for name, param in
+                  _ctl_parameters(call) if param.kind != param.VAR_KEYWORD]
+        if call.name == 'set_behavior':
+            # the options of a mix: --sleep 2, or --delay.sleep 2
+            client.set_mix(values[0], _mix_options(values[0], extra))
+            print('Behavior changed to "%s"' % client.get_behavior())
+        elif call.name == 'get_behavior':
+            answer = client._call('GET', '/behavior')
+            print(answer['behavior'])
+            # each behavior's own options, and the common ones set
+            for name, options in sorted(answer['options'].items()):
+                shown = ['%s=%s' % (key, _show(value)) for key, value in
+                         sorted(options.items()) if key not in COMMON_OPTIONS
+                         or value != _option_spec(COMMON_OPTIONS[key])[2]]
+                if shown:
+                    print('  %s: %s' % (name, ' '.join(shown)))
         else:
-            print(json.dumps(getattr(client, action)(), indent=2,
-                             sort_keys=True))
+            answer = getattr(client, call.name)(*values)
+            if call.name == 'set_backend':
+                print('Backend changed to "%s"' % client.get_backend())
+            elif isinstance(answer, str):
+                print(answer)
+            elif isinstance(answer, list) and all(isinstance(item, str)
+                                                  for item in answer):
+                print(', '.join(answer))
+            else:
+                print(json.dumps(answer, indent=2, sort_keys=True))
     except VaurienError as exc:
         sys.stderr.write('vaurien ctl: error: %s\n' % exc)
         return 1
     return 0
+
+
+def _ctl_parameters(call):
+    if call.request is None:
+        return []
+    return list(inspect.signature(call.request).parameters.items())
+
+
+def _ctl_client(host, port, token):
+    """A Client for ``--host`` (a host name or a URL) and ``--port``."""
+    if '://' in host:
+        netloc = host.split('://', 1)[1].split('/', 1)[0]
+        host, _, url_port = netloc.rpartition(':')
+        if not host:
+            host, url_port = netloc, ''
+        if port is None and url_port.isdigit():
+            port = int(url_port)
+    host = check_host(host.strip('[]'), 'control API host')
+    port = 8080 if port is None else port
+    if not 1 <= port <= 65535:
+        raise VaurienError('control API port %d: give one from 1 to '
+                           '65535' % port)
+    return Client(host, port, token=token)
 
 
 def _mix_options(mix, words):

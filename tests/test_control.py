@@ -378,7 +378,7 @@ class CtlTest(unittest.TestCase):
             self.assertEqual(self.ctl(port, 'get-behavior')[1], 'dummy\n')
             code, out, err = self.ctl(port, 'set-behavior', 'delay',
                                       '--sleep', '2', '--before=false')
-            self.assertEqual((code, out), (0, 'behavior changed to delay\n'))
+            self.assertEqual((code, out), (0, 'Behavior changed to "delay"\n'))
             self.assertEqual(own(p.get_behavior_options()['delay']),
                              {'sleep': 2.0, 'before': False})
             code, out, err = self.ctl(port, 'set-behavior',
@@ -404,7 +404,13 @@ class CtlTest(unittest.TestCase):
             code, out, err = support.run_vaurien(
                 ['ctl', '--host', 'http://127.0.0.1:%d' % port,
                  'get-behavior'])
-            self.assertEqual((code, out), (0, '20:delay,10:error,70:dummy\n'))
+            # the mix, then the options in force of each behavior in it
+            self.assertEqual((code, out.splitlines()[0]),
+                             (0, '20:delay,10:error,70:dummy'))
+            self.assertEqual([line.split(':')[0] for line in
+                              out.splitlines()[1:]], ['  delay', '  error'])
+            self.assertIn(' sleep=0.5', out)
+            self.assertIn(' warmup=2', out)
         code, out, err = self.ctl(support.free_port(), 'get-behavior')
         self.assertEqual(code, 1)
         self.assertIn('cannot reach the control API', err)

@@ -2,6 +2,7 @@
 plugins (classes that need not derive from the base), its Client, and the
 test helpers that find the bundled plugins by themselves."""
 
+import json
 import os
 import shutil
 import socket
@@ -512,6 +513,63 @@ class OneXConfigurationTest(unittest.TestCase):
                 proc.stderr.close()
         self.assertIn('proxying 127.0.0.1:', lines[0])
         self.assertIn('control API on http://127.0.0.1:', lines[1])
+
+
+class CtlTest(unittest.TestCase):
+    """vaurien ctl as Vaurien 1.x's vaurienctl was used, and its new
+    actions."""
+
+    def ctl(self, *args):
+        return support.run_vaurien(['ctl'] + list(args))
+
+    def test_options_after_the_action_and_1x_messages(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(echo.address, http=True) as p:
+            url = 'http://127.0.0.1:%d' % p.http_address[1]
+            code, out, err = self.ctl('set-behavior', 'blackout', '--host',
+                                      url)
+            self.assertEqual((code, out, err),
+                             (0, 'Behavior changed to "blackout"\n', ''))
+            self.assertEqual(self.ctl('get-behavior', '--host', url)[1],
+                             'blackout\n')
+            code, out, err = self.ctl('--host', url, 'set-behavior', 'delay',
+                                      '--sleep', '0.5')
+            self.assertEqual(code, 0, err)
+            out = self.ctl('get-behavior', '--host', url)[1]
+            self.assertEqual(out.splitlines()[0], 'delay')
+            self.assertIn('sleep=0.5', out.splitlines()[1])
+            self.assertEqual(self.ctl('list-behaviors', '--host', url)[1],
+                             ', '.join(p.list_behaviors()) + '\n')
+
+    def test_new_actions(self):
+        with support.EchoServer() as echo, \
+                vaurien.proxy(echo.address, http=True,
+                              behavior='delay',
+                              behavior_options={'delay': {'sleep': 0}}) as p:
+            port = str(p.http_address[1])
+            with support.connect(p.address) as sock:
+                support.exchange(sock, b'a')
+                support.exchange(sock, b'b')
+                code, out, err = self.ctl('connections', '--port', port)
+                self.assertEqual(code, 0, err)
+                self.assertEqual(len(json.loads(out)), 1)
+            self.assertEqual(self.ctl('version', '--port', port)[1],
+                             vaurien.__version__ + '\n')
+            stats = json.loads(self.ctl('stats', '--port', port)[1])
+            self.assertEqual(stats['exchanges'], {'delay': 2})
+            decisions = json.loads(self.ctl('decisions', '--port', port)[1])
+            self.assertEqual([d['exchange'] for d in decisions], [1, 2])
+            later = json.loads(self.ctl('decisions', '--port', port,
+                                        '--since', str(decisions[0]['id']))[1])
+            self.assertEqual(later, decisions[1:])
+
+    def test_help_says_ctl(self):
+        code, out, err = support.run_vaurien(['--help'])
+        self.assertIn('vaurien ctl', ' '.join(out.split()))
+
+    def test_vaurienctl_is_a_console_script(self):
+        with open(os.path.join(support.ROOT, 'setup.cfg')) as stream:
+            self.assertIn('vaurienctl = vaurien:ctl_main', stream.read())
 
 
 def read_lines(stream, count, deadline):
