@@ -45,9 +45,7 @@ the misbehavior drawn for each exchange.  Both are plugins: classes with a
 beside this file, the modules named with ``--plugins`` and the ini file's
 ``[behavior:NAME] callable = module:Class`` sections are loaded at start-up.
 """
-
 __version__ = '2.0.0.dev0'
-
 import argparse
 import collections
 import configparser
@@ -83,15 +81,16 @@ import time
 import traceback
 import types
 import urllib.parse
-
 # Run as a script, this module is ``__main__``.  Plugins ``import vaurien``:
 # make that name (and the original package's module paths) point here, so
 # that they see this registry and not a second copy of it.
 _this = sys.modules[__name__]
 sys.modules.setdefault('vaurien', _this)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 logger = logging.getLogger('vaurien')
+
+
+# Compatibility and platform ##############################################
 
 # poll() has no limit on descriptor numbers, unlike select(), which fails
 # on descriptors >= 1024; Windows has no poll() at all.
@@ -100,6 +99,15 @@ _HAS_POLL = hasattr(select, 'poll')
 # last request from the bare end of the stream.
 _POLLRDHUP = getattr(select, 'POLLRDHUP',
                      0x2000 if sys.platform.startswith('linux') else 0)
+# poll()'s events, with the values select.poll uses (where it exists)
+_POLLIN = getattr(select, 'POLLIN', 1)
+_POLLPRI = getattr(select, 'POLLPRI', 2)
+_POLLOUT = getattr(select, 'POLLOUT', 4)
+_POLLERR = getattr(select, 'POLLERR', 8)
+_POLLHUP = getattr(select, 'POLLHUP', 16)
+_IN_EVENTS = _POLLIN | _POLLPRI
+_READ_EVENTS = _IN_EVENTS | _POLLRDHUP
+_NOT_POLLOUT = ~_POLLOUT
 # Writes never block a connection's thread: a send that would wait
 # returns at once (MSG_DONTWAIT; without it, sockets are made non-blocking).
 _DONTWAIT = getattr(socket, 'MSG_DONTWAIT', 0)
@@ -239,6 +247,11 @@ def _describe_choices(choices):
     return 'one of %s' % ', '.join(map(str, choices))
 
 
+#: The longest delay an option may ask for, in seconds: an hour.  Longer
+#: is a connection that never comes back, which ``hang`` says plainly.
+MAX_DELAY = 3600
+#: The range of an option that is a delay in milliseconds.
+DELAY_MS = Range(0, MAX_DELAY * 1000, 'milliseconds')
 #: Options every behavior takes, beside its own: where and when it applies.
 COMMON_OPTIONS = {
     'direction': ("Data the behavior acts on: both ways, upstream (client "
@@ -257,8 +270,6 @@ COMMON_OPTIONS = {
                 "comma-separated, e.g. 10.0.0.0/8,::1 (empty: every client)",
                 str, ''),
 }
-
-
 _option_tables = {}
 
 
@@ -351,6 +362,8 @@ def validate_options(kind, cls, values):
             raise VaurienError('%s: %s' % (label, exc))
     return result
 
+
+# Addresses ###############################################################
 
 def parse_address(text, what='address', allow_zero=False):
     """``'host:port'`` or ``'[v6]:port'`` -> ``(host, port)``."""
@@ -462,6 +475,194 @@ def format_address(address):
     if ':' in host:
         return '[%s]:%d' % (host, port)
     return '%s:%d' % (host, port)
+
+
+# Settings ################################################################
+
+_LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
+
+
+class Setting(object):
+    """One core setting, declared once: its flag (``--idle-timeout``),
+    its ini key (``idle_timeout`` in [vaurien]; *statsd*: its key in
+    [statsd] too), its type, default and help, and the values it accepts:
+    *limits* (a Range), and *check*, called with the converted value,
+    which returns the value to keep or raises VaurienError."""
+
+    def __init__(self, name, default, help, metavar=None, type=str,
+                 limits=None, check=None, statsd=None, ignored=None):
+        self.name = name
+        self.flag = '--' + name.replace('_', '-')
+        #: the flag's other spellings: Vaurien 1.x's --statsd.host...
+        self.aliases = ['--statsd.' + statsd.replace('_', '-')] if statsd \
+            else []
+        self.default = default
+        self.help = help
+        self.metavar = metavar
+        self.type = type
+        self.limits = limits
+        self.check = check
+        self.statsd = statsd
+        #: why a Vaurien 1.x setting that means nothing any more is
+        #: accepted, and ignored with a warning at start-up
+        self.ignored = ignored
+
+    def help_text(self):
+        """The --help line: the help, the default and the range."""
+        notes = []
+        if self.default is not None and self.default is not False and \
+                self.default != '':
+            notes.append('default %s' % _show(self.default))
+        if self.limits is not None:
+            notes.append(str(self.limits))
+        return '%s (%s)' % (self.help, '; '.join(notes)) if notes \
+            else self.help
+
+    def convert(self, value, where):
+        """*value* (text from the command line or the ini file, or a Python
+        value) converted and checked; VaurienError naming *where* and the
+        setting otherwise."""
+        if value is None:
+            return None
+        try:
+            value = convert_value(value, self.type)
+        except (TypeError, ValueError, OverflowError):
+            raise VaurienError('%s: setting %r must be %s, not %r' % (
+                where, self.name, _TYPE_WORDS[self.type], _clip(value)))
+        if self.type is float and not math.isfinite(value):
+            raise VaurienError('%s: %s must be a finite number (%s), not %r'
+                               % (where, self.name, self.limits, value))
+        if self.limits is not None:
+            problem = self.limits.problem(value)
+            if problem is not None:
+                raise VaurienError('%s: %s %s' % (where, self.name, problem))
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except VaurienError as exc:
+                raise VaurienError('%s: %s' % (where, exc))
+        return value
+
+
+def _check_log_level(level):
+    level = level.strip().lower()
+    if level not in _LOG_LEVELS:
+        raise VaurienError('unknown log level %r (use one of %s)'
+                           % (_clip(level), ', '.join(_LOG_LEVELS)))
+    return level
+
+
+def _check_prefix(prefix):
+    # the statsd line is PREFIX.NAME:COUNT|c, in ASCII
+    if not prefix or not all(c.isalnum() and ord(c) < 128 or c in '._-'
+                             for c in prefix):
+        raise VaurienError('statsd prefix %r: use letters, digits and '
+                           '._- only, e.g. vaurien' % _clip(prefix))
+    return prefix
+
+
+def _check_token(token):
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise VaurienError('the control API token must be one or more '
+                           'printable characters without spaces (leave '
+                           '--http-token out for no token)')
+    return token
+
+
+def _check_proxy(text):
+    parse_address(text, 'proxy address', allow_zero=True)
+    return text
+
+
+def _check_backend(text):
+    parse_address(text, 'backend address')
+    return text
+
+
+def _check_cpu(text):
+    _cpu_choice(text)
+    return text
+
+
+#: Every core setting; build_parser, load_settings and build_server read
+#: this, and nothing else says a default, a type or a help text.
+SETTINGS = [
+    Setting('proxy', 'localhost:8000', 'address to listen on; port 0 picks '
+            'a free one', 'HOST:PORT', check=_check_proxy),
+    Setting('backend', 'localhost:80', 'address of the backend',
+            'HOST:PORT', check=_check_backend),
+    Setting('protocol', 'tcp', 'protocol plugin', 'NAME'),
+    Setting('behavior', 'dummy', 'behavior mix, PERCENT:NAME[,...], e.g. '
+            '20:delay,5:error; the rest is dummy', 'MIX'),
+    Setting('timeout', 30.0, 'seconds allowed to connect to the backend; '
+            '0: no limit', 'SECONDS', float, Range(0, MAX_DELAY, 'seconds')),
+    Setting('idle_timeout', 0.0, 'close connections quiet both ways for '
+            'this many seconds; 0: never', 'SECONDS', float,
+            Range(0, 86400, 'seconds')),
+    Setting('stay_connected', False, 'accepted for Vaurien 1.x: '
+            'connections are never cut for being quiet unless '
+            '--idle-timeout says so', type=bool),
+    Setting('backlog', 2048, 'listen queue length', 'N', int,
+            Range(1, 65535)),
+    Setting('cpu', 'auto', 'auto: run every thread on one CPU, the one '
+            'vaurien starts on; a CPU number: run on that one; all: let the '
+            'system spread the threads', 'CPU', check=_check_cpu),
+    Setting('seed', None, 'seed for every random choice: the same seed and '
+            'traffic make the same choices', 'SEED'),
+    Setting('plugins', '', 'extra plugin modules to import '
+            '(comma-separated)', 'MODULE[,MODULE]'),
+    Setting('log_level', 'info', 'debug, info, warning, error or critical',
+            'LEVEL', check=_check_log_level),
+    Setting('log_output', '-', "'-' or stderr, stdout, or a file path",
+            'FILE'),
+    Setting('statsd', False, 'send counters to statsd', type=bool,
+            statsd='enabled'),
+    Setting('statsd_host', 'localhost', 'statsd host', 'HOST',
+            check=lambda host: check_host(host, 'statsd host'),
+            statsd='host'),
+    Setting('statsd_port', 8125, 'statsd UDP port', 'PORT', int,
+            Range(1, 65535), statsd='port'),
+    Setting('statsd_prefix', 'vaurien', 'prefix of the statsd counters',
+            'PREFIX', check=_check_prefix, statsd='prefix'),
+    Setting('statsd_sample_rate', 1.0, 'share of the counts sent to '
+            'statsd (each with @RATE, as statsd clients do)', 'RATE', float,
+            Range(0.001, 1), statsd='sample_rate'),
+    Setting('http', False, 'serve the control API (REST, JSON) to read and '
+            'change the behavior live', type=bool),
+    Setting('http_host', '127.0.0.1', 'address of the control API', 'HOST',
+            check=lambda host: check_host(host, 'control API host')),
+    Setting('http_port', 8080, 'port of the control API; 0 picks a free '
+            'one', 'PORT', int, Range(0, 65535)),
+    Setting('http_token', None, 'require this bearer token on the control '
+            'API', 'TOKEN', check=_check_token),
+    Setting('ready_file', None, 'once listening, write the real addresses '
+            'there as JSON (for scripts that start vaurien on port 0)',
+            'FILE'),
+    # Vaurien 1.x's, with no meaning any more: accepted, and ignored
+    Setting('bufsize', None, '', 'BYTES', int, Range(1, 1 << 24, 'bytes'),
+            ignored='each protocol reads with its own buffer option, e.g. '
+            '--protocol-tcp-buffer'),
+    Setting('pool_max_size', None, '', 'N', int, Range(0, 10 ** 6),
+            ignored='vaurien keeps no pool of backend connections: each '
+            'client has its own'),
+    Setting('pool_timeout', None, '', 'SECONDS', float,
+            Range(0, MAX_DELAY, 'seconds'), ignored='vaurien keeps no pool '
+            'of backend connections'),
+    Setting('sync', None, '', type=bool, ignored='every connection runs '
+            'in a thread of its own, with no event loop to make '
+            'synchronous'),
+]
+_SETTINGS = collections.OrderedDict((s.name, s) for s in SETTINGS)
+#: The default of each core setting.
+DEFAULTS = collections.OrderedDict((s.name, s.default) for s in SETTINGS)
+
+
+def check_settings(settings, where='settings'):
+    """Every core setting of *settings* (a mapping; those missing take
+    their default) converted and checked, as a new OrderedDict."""
+    return collections.OrderedDict(
+        (name, setting.convert(settings.get(name, setting.default), where))
+        for name, setting in _SETTINGS.items())
 
 
 # Plugin registry #########################################################
@@ -630,6 +831,102 @@ def check_for_protocol(protocol_class, behavior):
             protocol_class.check_behavior(part)
         except ValueError as exc:
             raise VaurienError("behavior '%s': %s" % (part.name, exc))
+
+
+# Plugin discovery ########################################################
+
+# (installed name, name beside vaurien.py in the source folder)
+PLUGIN_PACKAGES = (('vaurien_protocols', 'protocols'),
+                   ('vaurien_behaviors', 'behaviors'))
+
+
+def _import_module(name, what):
+    try:
+        return importlib.import_module(name)
+    except PluginError:
+        raise
+    except BaseException as exc:
+        # KeyboardInterrupt and SystemExit too: a plugin's mistake, said
+        # in one line like any other
+        raise PluginError("%s '%s' failed to import: %s" % (
+            what, name, _exception_text(exc)))
+
+
+def _exception_text(exc):
+    """'RuntimeError: oops', or 'KeyboardInterrupt' when it says nothing."""
+    text = str(exc)
+    return '%s: %s' % (type(exc).__name__, text) if text else \
+        type(exc).__name__
+
+
+def _plugin_package(installed, local):
+    """The package holding bundled plugins: installed under its
+    ``vaurien_`` name, or the folder beside this file."""
+    for name in (installed, local):
+        folder = os.path.join(HERE, name)
+        if not os.path.isfile(os.path.join(folder, '__init__.py')):
+            continue
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(
+                name, os.path.join(folder, '__init__.py'),
+                submodule_search_locations=[folder])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException as exc:
+                del sys.modules[name]
+                raise PluginError("plugin package '%s' failed to import: %s"
+                                  % (folder, _exception_text(exc)))
+        return module
+    return None
+
+
+_bundled_loaded = []
+
+
+def _load_bundled_plugins():
+    """The bundled plugins, once per process (see load_plugins)."""
+    if not _bundled_loaded:
+        load_plugins()
+
+
+def load_plugins(modules=(), callables=()):
+    """Import every bundled plugin module, the *modules* a user names, and
+    the *callables* ``(kind, name, 'module:Class')`` of ini sections."""
+    _bundled_loaded.append(True)
+    for installed, local in PLUGIN_PACKAGES:
+        package = _plugin_package(installed, local)
+        if package is None:
+            continue
+        for info in sorted(pkgutil.iter_modules(package.__path__),
+                           key=lambda info: info[1]):
+            if not info[1].startswith('_'):
+                _import_module('%s.%s' % (package.__name__, info[1]),
+                               'plugin module')
+    for name in modules:
+        name = name.strip()
+        if name:
+            _import_module(name, 'plugin module')
+    for kind, name, where in callables:
+        registry = Protocol if kind == 'protocol' else Behavior
+        module_name, sep, attr = where.strip().partition(':')
+        if not sep:
+            module_name, _, attr = where.strip().rpartition('.')
+        if not module_name or not attr:
+            raise PluginError("[%s:%s] callable = %r: expected module:Class"
+                              % (kind, name, where))
+        module = _import_module(module_name, 'plugin module')
+        cls = getattr(module, attr, None)
+        if not isinstance(cls, type):
+            raise PluginError("[%s:%s] callable = %r: %s has no %s class %r"
+                              % (kind, name, where, module_name, kind, attr))
+        try:
+            registry.register(cls, name)
+        except PluginError as exc:
+            raise PluginError('[%s:%s] callable = %r: %s'
+                              % (kind, name, where, exc))
 
 
 # Protocols ###############################################################
@@ -812,12 +1109,6 @@ Protocol.register(TCP)
 #: A hook's answer meaning "I dealt with this data myself": the protocol's
 #: ``_handle`` is skipped and the connection goes on.
 HANDLED = 'handled'
-
-#: The longest delay an option may ask for, in seconds: an hour.  Longer
-#: is a connection that never comes back, which ``hang`` says plainly.
-MAX_DELAY = 3600
-#: The range of an option that is a delay in milliseconds.
-DELAY_MS = Range(0, MAX_DELAY * 1000, 'milliseconds')
 
 
 class Dummy(_Configurable):
@@ -1279,7 +1570,862 @@ def parse_mix(text):
     return list(shares.items())
 
 
-# The engine ##############################################################
+# The engine: the server ##################################################
+
+class _Statsd(object):
+    """Counters sent as plain statsd UDP lines; names have a bounded set
+    of values (no per-connection ids)."""
+
+    def __init__(self, host=None, port=8125, prefix='vaurien',
+                 sample_rate=1.0):
+        self.enabled = bool(host)
+        self.prefix = prefix
+        #: the share of counts sent, each one standing for 1/rate (statsd
+        #: multiplies it back)
+        self.sample_rate = sample_rate
+        self._tail = '|c' if sample_rate >= 1 else '|c|@%g' % sample_rate
+        if self.enabled:
+            self.address = (host, port)
+            self.sock = socket.socket(
+                socket.AF_INET6 if ':' in host else socket.AF_INET,
+                socket.SOCK_DGRAM)
+            self.sock.setblocking(False)
+
+    def incr(self, name, count=1):
+        if not self.enabled:
+            return
+        if self.sample_rate < 1 and random.random() >= self.sample_rate:
+            return
+        line = ('%s.%s:%d%s' % (self.prefix, name, count,
+                                self._tail)).encode('ascii')
+        try:
+            self.sock.sendto(line, self.address)
+        except OSError:
+            pass
+
+
+class ProxyServer(socketserver.ThreadingTCPServer):
+    """The chaos proxy: listens on *proxy*, connects each client to
+    *backend*, and runs the behavior *mix* on every exchange."""
+
+    # a thread per connection, which must not keep the process alive
+    daemon_threads = True
+    # do not wait for connections in server_close() (Python 3.7+)
+    block_on_close = False
+    allow_reuse_address = True
+    # socketserver's default of 5 drops part of a burst of connections
+    request_queue_size = 2048
+    # decisions kept in memory for GET /decisions
+    decision_log_size = 10000
+    # seconds a connection that is ending waits to deliver what it still
+    # holds: before a reset (which throws away what the kernel holds), and
+    # for a backend that takes nothing once the client's stream has ended
+    grace = 2.0
+    # threads kept waiting for the next connection once theirs has ended,
+    # and how long one waits before it ends too (seconds)
+    spare_threads = 64
+    spare_thread_idle = 60.0
+
+    def __init__(self, proxy=('127.0.0.1', 8000), backend=('127.0.0.1', 80),
+                 protocol='tcp', behavior='dummy', timeout=30.0,
+                 idle_timeout=None, backlog=None, seed=None,
+                 protocol_options=None, behavior_options=None, statsd=None):
+        # in-process proxies find the bundled plugins as the command line
+        # does, without a load_plugins() call first
+        _load_bundled_plugins()
+        if isinstance(proxy, str):
+            proxy = parse_address(proxy, 'proxy address', allow_zero=True)
+        if isinstance(backend, str):
+            backend = parse_address(backend, 'backend address')
+        self.backend = tuple(backend)
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout or None
+        self.seed = seed
+        self.statsd = statsd or _Statsd()
+        self.protocol_class = Protocol.get(protocol)
+        self.protocol_name = protocol
+        self.protocol_settings = validate_options(
+            'protocol', self.protocol_class, protocol_options or {})
+        # option values per behavior name from the command line and ini
+        # file: the base of every behavior set, live changes included
+        self.behavior_settings = {}
+        for name, values in (behavior_options or {}).items():
+            self.behavior_settings[name] = validate_options(
+                'behavior', Behavior.get(name), values)
+        self.dummy = Dummy()
+        self.connections = {}
+        self.closing = False
+        self._starved = False   # warned of running out of descriptors
+        self._ids = itertools.count(1)
+        self._stats_lock = threading.Lock()
+        self.started = time.time()
+        self._closed_exchanges = collections.Counter()
+        # totals of the connections that ended (open ones are added live)
+        self.totals = collections.Counter()
+        self.mix = None
+        self.mix_generation = 0
+        self._live = False      # whole-proxy behaviors wait for the socket
+        self.decisions = collections.deque(maxlen=self.decision_log_size)
+        self._decision_ids = itertools.count(1)
+        self.set_mix(behavior)
+        if backlog:
+            self.request_queue_size = backlog
+        if ':' in proxy[0]:
+            self.address_family = socket.AF_INET6
+        self._stop_request = threading.Event()
+        self._stopped = threading.Event()
+        self._listen_lock = threading.Lock()
+        self._spares = []       # [_Spare] waiting for a connection
+        self._spares_lock = threading.Lock()
+        socketserver.ThreadingTCPServer.__init__(self, tuple(proxy)[:2],
+                                                 ProxyHandler)
+        self._live = True
+        self._activate()
+
+    # what connections need
+
+    def get_request(self):
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                             errno.ENOMEM):
+                # the connection waits in the backlog; do not spin on it
+                if not self._starved:
+                    logger.warning('out of file descriptors (%s): new '
+                                   'connections wait; raise the limit '
+                                   '(ulimit -n)', _os_error_text(exc))
+                self._starved = True
+                time.sleep(0.05)
+            raise
+
+    def process_request(self, request, client_address):
+        """Run the connection in a thread of its own: a spare one left by
+        an earlier connection, or a new one.  Starting a thread costs a
+        dozen system calls and a hand-off with the accepting thread; a
+        spare one is woken with a single lock release."""
+        with self._spares_lock:
+            spare = self._spares.pop() if self._spares else None
+        if spare is not None:
+            spare.job = (request, client_address)
+            spare.wake.release()
+            return
+        thread = threading.Thread(target=self._serve_connections,
+                                  args=(request, client_address),
+                                  name='vaurien %s' % format_address(
+                                      self.address))
+        thread.daemon = self.daemon_threads
+        thread.start()
+
+    def _serve_connections(self, request, client_address):
+        spare = None
+        while True:
+            self.process_request_thread(request, client_address)
+            if spare is None:
+                spare = _Spare()
+            with self._spares_lock:
+                if self.closing or len(self._spares) >= self.spare_threads:
+                    return
+                self._spares.append(spare)
+            if not spare.wake.acquire(timeout=self.spare_thread_idle):
+                with self._spares_lock:
+                    if spare in self._spares:
+                        self._spares.remove(spare)
+                        return
+                spare.wake.acquire()    # taken just now: the job is coming
+            if spare.job is None:
+                return
+            (request, client_address), spare.job = spare.job, None
+
+    def _end_spares(self):
+        with self._spares_lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            spare.wake.release()
+
+    def connect_backend(self, address=None):
+        sock = socket.create_connection(address or self.backend,
+                                        timeout=self.timeout)
+        sock.settimeout(None)
+        return sock
+
+    def make_protocol(self):
+        return self.protocol_class(self.protocol_settings, self)
+
+    def count_closed(self, conn):
+        """Move *conn* from the open connections to the totals, at once:
+        readers holding the lock see it in one place or the other."""
+        with self._stats_lock:
+            self.connections.pop(conn.id, None)
+            self.totals['connections'] += 1
+            self.totals['bytes_up'] += conn.bytes_up
+            self.totals['bytes_down'] += conn.bytes_down
+            if conn.backend is None:
+                self.totals['backend_errors'] += 1
+            self._closed_exchanges.update(conn.met())
+
+    def decide(self, conn, number, behavior, request=None):
+        """Log a non-dummy decision in one short line, and keep it, with
+        every option in force, for GET /decisions."""
+        direction, options = _decision_fields(behavior)
+        record = {
+            'id': next(self._decision_ids),
+            'time': time.time(),      # rounded when read: round() is slow
+            'connection': conn.id,
+            'client': conn.client_text,
+            'exchange': number,
+            'request': request,
+            'direction': direction,
+            'behavior': behavior.name,
+            'options': options}
+        self.decisions.append(record)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info('decision %d: connection %d exchange %d: %s%s',
+                        record['id'], conn.id, number, behavior.name,
+                        ' on %s' % request if request else '')
+
+    @property
+    def exchange_counts(self):
+        """Exchanges since start, by the behavior they met."""
+        with self._stats_lock:
+            counts = collections.Counter(self._closed_exchanges)
+            open_now = list(self.connections.values())
+        for conn in open_now:
+            counts.update(conn.met())
+        return counts
+
+    # changing the mix
+
+    def make_behavior(self, name, options=None):
+        """A fresh instance of behavior *name* with the options in force
+        (plus *options*); fresh, so its counters start again.  Several
+        names joined by '+' make a Composite; *options* then maps each
+        part's name to its options."""
+        if '+' in name:
+            options = options or {}
+            parts, values = [], {}
+            for part in name.split('+'):
+                instance, values[part] = self.make_behavior(
+                    part, options.get(part))
+                parts.append(instance)
+            return Composite(parts), values
+        cls = Behavior.get(name)
+        values = dict(self.behavior_settings.get(name, {}))
+        if options:
+            values.update(validate_options('behavior', cls, options))
+        instance = cls()
+        instance.proxy = self
+        instance.update_settings(values)
+        return instance, values
+
+    def set_mix(self, text, options=None):
+        """Put the mix *text* in force, for new exchanges of every
+        connection, open ones included.  *options* maps a behavior name to
+        option values to set with it."""
+        shares = parse_mix(text)
+        options = options or {}
+        instances = {}
+        parts = set()
+        for name, _ in shares:
+            if '+' in name:
+                instances[name], _ = self.make_behavior(name, options)
+            else:
+                instances[name], _ = self.make_behavior(
+                    name, options.get(name))
+            parts.update(name.split('+'))
+        for name in options:
+            if name not in parts:
+                raise VaurienError("options given for behavior '%s', which "
+                                   "is not in the mix" % name, 'options')
+        mix = Mix(shares, instances)
+        for behavior in instances.values():
+            check_for_protocol(self.protocol_class, behavior)
+        old, self.mix = self.mix, mix
+        self.mix_generation += 1
+        if self._live:
+            if old is not None:
+                for behavior in old.behaviors():
+                    if behavior.whole_proxy:
+                        behavior.deactivate(self)
+            self._activate()
+        return mix
+
+    def _activate(self):
+        for behavior in self.mix.behaviors():
+            if behavior.whole_proxy:
+                behavior.activate(self)
+
+    # accepting, and the `down` behavior
+
+    def serve_forever(self, poll_interval=0.5):
+        """Accept connections until ``shutdown()``; like socketserver's,
+        but the listening socket may close and open again (``go_down``,
+        ``go_up``)."""
+        self._stop_request.clear()
+        self._stopped.clear()
+        try:
+            while not self._stop_request.is_set():
+                listener = self.socket
+                if listener is None:
+                    self._stop_request.wait(poll_interval)
+                    continue
+                try:
+                    ready = wait_readable(listener, poll_interval)
+                except (OSError, ValueError):
+                    ready = False       # closed under us by go_down
+                if ready and listener is self.socket:
+                    self._handle_request_noblock()
+                self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever and wait until it has."""
+        self._stop_request.set()
+        self._stopped.wait()
+
+    def go_down(self):
+        """Refuse new connections (the listener closes) and close the open
+        ones, until ``go_up``."""
+        self.server_close()
+        for conn in list(self.connections.values()):
+            conn.abort()
+        logger.info('down: refusing connections on %s',
+                    format_address(self.address))
+
+    def go_up(self):
+        """Listen again, on the same address, after ``go_down``."""
+        with self._listen_lock:
+            if self.socket is not None or self.closing:
+                return
+            listener = socket.socket(self.address_family, self.socket_type)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(self.server_address)
+            listener.listen(self.request_queue_size)
+            self.socket = listener
+        logger.info('up: accepting connections on %s',
+                    format_address(self.address))
+
+    def fileno(self):
+        listener = self.socket
+        return listener.fileno() if listener is not None else -1
+
+    def server_close(self):
+        with self._listen_lock:
+            listener, self.socket = self.socket, None
+            if listener is not None:
+                _stop_listening(listener)
+
+    # stopping
+
+    def close_all(self):
+        """Stop accepting and close every open connection."""
+        self.closing = True
+        self.server_close()
+        self._end_spares()
+        for conn in list(self.connections.values()):
+            conn.abort()
+
+    def handle_error(self, request, client_address):
+        logger.error('connection from %s: %s', format_address(client_address),
+                     sys.exc_info()[1])
+
+    @property
+    def address(self):
+        """The address really listened on (``port 0`` resolved)."""
+        return self.server_address[:2]
+
+
+def _stop_listening(listener):
+    # shut down first: a close alone leaves the socket listening until the
+    # accepting thread's poll lets go of it
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    _close(listener)
+
+
+class _Spare(object):
+    """A connection's thread waiting for the next connection."""
+    __slots__ = ('wake', 'job')
+
+    def __init__(self):
+        self.wake = threading.Lock()
+        self.wake.acquire()     # released to hand over a connection
+        self.job = None
+
+
+class ProxyHandler(socketserver.BaseRequestHandler):
+    """Runs one client connection in its own thread."""
+
+    def handle(self):
+        server = self.server
+        conn = Connection(server, self.request, self.client_address)
+        server.connections[conn.id] = conn
+        server.statsd.incr('connections')
+        try:
+            conn.run()
+        except Exception as exc:    # never let one connection kill others
+            logger.error('connection %s: %s: %s', conn.describe(),
+                         type(exc).__name__, exc)
+            logger.debug('%s', traceback.format_exc())
+        finally:
+            server.count_closed(conn)
+            conn.duplex.close()
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug('%s', conn.summary())
+
+
+# The engine: a connection ################################################
+
+class Connection(object):
+    """One client, its backend connection, and the loop between them: the
+    life of the connection, from the backend's connect to the close."""
+
+    def __init__(self, server, client, address):
+        self.server = server
+        self.id = next(server._ids)
+        self.duplex = Duplex(self, client)
+        #: the two Sides (``backend`` once connected)
+        self.client, self.backend = self.duplex.client, None
+        self.client_address = address
+        self.client_text = format_address(address)
+        self.backend_address = server.backend
+        self.started = time.time()
+        self.bytes_up = 0       # read from the client
+        self.bytes_down = 0     # read from the backend
+        self.exchanges = 0
+        self.behaviors_met = collections.Counter()
+        #: a dict for plugins (per behavior, prefer new_state/state_of)
+        self.state = {}
+        self._states = {}
+        self._flows = {}
+        # a dummy exchange keeps nothing: one serves them all
+        self.plain = self.exchange = Exchange(self, 0, 'dummy', server.dummy)
+        self.picker = Picker(self)
+        self.protocol = None
+        self._plain_tcp = False
+        self._rng = None
+        #: True once all that is left from the client is its end of stream
+        self.client_ended = False
+        #: set from another thread to end the connection now (see abort)
+        self.aborted = False
+
+    @property
+    def rng(self):
+        """This connection's random generator: seeded from ``--seed`` and
+        the connection's number, so a run can be replayed."""
+        if self._rng is None:
+            seed = self.server.seed
+            if seed is None:
+                self._rng = random.Random()
+            else:
+                self._rng = random.Random('%s:%d' % (seed, self.id))
+        return self._rng
+
+    # exchanges, and what behaviors keep per connection
+
+    def start_exchange(self, request=None):
+        """Draw the behavior for a new exchange and make it current: the
+        one place where exchanges are counted and decisions made.
+        *request* says what the client asked, in a few words (a framed
+        protocol knows: ``GET /users``, ``SET``), for the decision log."""
+        self.exchanges += 1
+        number = self.exchanges
+        server = self.server
+        name, behavior = self.picker.pick(number)
+        if behavior is server.dummy:
+            exchange = self.plain
+        else:
+            exchange = Exchange(self, number, name, behavior)
+            if not behavior.passive:
+                server.decide(self, number, behavior, request)
+        self.exchange = exchange
+        self.behaviors_met[name] += 1
+        if server.statsd.enabled:
+            server.statsd.incr('behavior.' + name)
+        return exchange
+
+    def state_of(self, behavior):
+        """*behavior*'s state on this connection: what its ``new_state()``
+        returned, made at the first call."""
+        try:
+            return self._states[behavior]
+        except KeyError:
+            state = self._states[behavior] = behavior.new_state()
+            return state
+
+    def flow(self, behavior, to_backend):
+        """*behavior*'s Flow for one direction of this connection."""
+        key = (id(behavior), to_backend)
+        flow = self._flows.get(key)
+        if flow is None or flow.behavior is not behavior:
+            flow = self._flows[key] = Flow(self, to_backend, behavior)
+        return flow
+
+    def wait_readable(self, side, timeout=None):
+        """Wait until *side* has data or its end, at most *timeout* seconds
+        (None: no limit), sending what waits either way; True if it has."""
+        return self.duplex.wait_readable(side.side, timeout)
+
+    def stop_reading(self, sock):
+        """Stop reading *sock* (a Side); False when nothing is left to
+        read, nor to send."""
+        self.duplex.stop_reading(sock.side)
+        return self.duplex.busy()
+
+    # the life of the connection
+
+    def describe(self):
+        return '%d %s -> %s' % (self.id, format_address(self.client_address),
+                                format_address(self.backend_address))
+
+    def run(self):
+        server = self.server
+        if server.mix.openers:
+            for behavior in self.picker.openers():
+                server.decide(self, 0, behavior)
+                behavior.on_open(self)
+        try:
+            backend = server.connect_backend(self.backend_address)
+        except OSError as exc:
+            logger.warning('connection %s: cannot reach the backend (%s); '
+                           'closing the client', self.describe(),
+                           _os_error_text(exc))
+            server.statsd.incr('backend_errors')
+            return
+        self.backend = self.duplex.attach(backend)
+        if server.mix.per_connection:
+            # a behavior drawn for the whole connection also covers what
+            # the backend says before the client's first request
+            name, behavior = self.picker.draw(server.mix)
+            if not behavior.passive and behavior.scope == 'connection':
+                self.exchange = Exchange(self, 0, name, behavior)
+                server.decide(self, 0, behavior)
+        self.protocol = protocol = server.make_protocol()
+        protocol.connection = self
+        self._plain_tcp = type(protocol)._handle is TCP._handle
+        protocol.setup(self.client, self.backend)
+        self._loop(protocol)
+
+    def _loop(self, protocol):
+        duplex = self.duplex
+        poller, client, backend = duplex.poller, self.client, self.backend
+        sides = {client.fd: client, backend.fd: backend}
+        idle = self.server.idle_timeout
+        while duplex.busy() and not self.aborted:
+            timeout, timer = idle, False
+            due = duplex.due()
+            if due is not None:
+                wait = max(0.0, due - _now())
+                if timeout is None or wait < timeout:
+                    timeout, timer = wait, True
+            if timer and timeout < 0.002:
+                # poll counts in milliseconds: sleep for finer waits
+                time.sleep(timeout)
+                events = poller.poll(0)
+            else:
+                events = poller.poll(timeout)
+            if due is not None and not _guarded(self, duplex.run_due):
+                return
+            if not events:
+                if not timer:
+                    logger.info('connection %s: quiet for %gs, closing it',
+                                self.describe(), idle)
+                    return
+                continue
+            # a step may read the other socket too (a hook, a framed
+            # protocol relaying earlier answers): then what the poll said
+            # of that one is stale, and reading it again could block
+            client_reads, backend_reads = client.reads, backend.reads
+            for fd, flags in events:
+                side = sides.get(fd)
+                if side is None:
+                    continue
+                if flags & _POLLOUT or (side.blocked and not side.reading):
+                    # (a socket watched for POLLOUT alone reports its
+                    # errors as POLLERR/POLLHUP: flushing finds them)
+                    _guarded(self, side.flush)
+                if not flags & _NOT_POLLOUT or not side.reading or (
+                        side.reads != (client_reads if side is client
+                                       else backend_reads)):
+                    continue
+                if side.held and not flags & (_POLLHUP | _POLLERR):
+                    # not read while what it feeds is full: only its end
+                    # is news (its data comes first, once read again)
+                    if flags & _POLLRDHUP:
+                        side.ended = True
+                        duplex.watch(side)
+                    continue
+                to_backend = side is client
+                if to_backend and flags & _POLLRDHUP:
+                    self.client_ended = _only_end_of_stream(side)
+                if not self._step(protocol, side, side.peer, to_backend):
+                    return
+
+    def _step(self, protocol, source, dest, to_backend):
+        """*source* is readable: run it through the exchange it belongs to
+        and the protocol.  False: close the connection."""
+        duplex = self.duplex
+        duplex.source = duplex.granted = source
+        try:
+            return _guarded(self, self._dispatch, protocol, source, dest,
+                            to_backend)
+        finally:
+            duplex.source = duplex.granted = None
+
+    def _dispatch(self, protocol, source, dest, to_backend):
+        if protocol.frames:
+            # it starts an exchange per request, and runs them itself
+            return protocol._handle(source, dest, to_backend)
+        if not to_backend:
+            exchange = self.exchange    # an answer: the current exchange's
+        elif self.client_ended:
+            # nothing left but the end of the client's stream: no new
+            # exchange, and only the stream behaviors of the current one
+            return self.exchange.run(protocol, source, dest, to_backend,
+                                     hooks=False)
+        else:
+            exchange = self.start_exchange()
+        if exchange is self.plain and self._plain_tcp:
+            # the fast path: plain tcp under dummy, straight through
+            data = source.recv(protocol._bufsize)
+            if not data:
+                return protocol._end_of_stream(source, dest)
+            dest.sendall(data)
+            if to_backend:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
+            return True
+        return exchange.run(protocol, source, dest, to_backend)
+
+    def abort(self):
+        """End the connection now, from another thread: its thread sees
+        the end of both streams and finishes without waiting."""
+        self.aborted = True
+        self.duplex.shutdown()
+
+    def met(self):
+        """Exchanges by the behavior they met."""
+        return collections.Counter(self.behaviors_met)
+
+    def summary(self):
+        met = ' '.join('%s=%d' % item for item in
+                       sorted(self.met().items())) or 'none'
+        return ('connection %s closed after %.3fs: %d bytes up, %d bytes '
+                'down, %d exchanges (%s)' % (
+                    self.describe(), time.time() - self.started,
+                    self.bytes_up, self.bytes_down, self.exchanges, met))
+
+
+def _guarded(conn, call, *args):
+    """Run *call* for connection *conn*; a peer gone or a plugin raising
+    closes this connection only (False), with one log line."""
+    try:
+        return call(*args)
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+            socket.timeout) as exc:
+        logger.debug('connection %s: %s', conn.describe(),
+                     _os_error_text(exc))
+        if isinstance(exc, ConnectionResetError):
+            # a plugin's own socket call met a reset: pass it on
+            for side in (conn.client, conn.backend):
+                if side is not None:
+                    _reset(side.sock)
+        return False
+    except OSError as exc:
+        if conn.server.closing or conn.aborted:
+            return False
+        logger.info('connection %s: %s', conn.describe(),
+                    _os_error_text(exc))
+        return False
+    except Exception as exc:
+        logger.error('connection %s: %s raised %s: %s; closing this '
+                     'connection', conn.describe(), _culprit(exc),
+                     type(exc).__name__, exc)
+        logger.debug('%s', traceback.format_exc())
+        return False
+
+
+# The engine: an exchange #################################################
+
+class Exchange(object):
+    """One request from the client and what answers it, with the behavior
+    drawn for it: the one place where behaviors meet the data.
+
+    The engine's step and the framed protocols call it: ``before``,
+    ``between`` and ``after`` run, in order, the socket hooks of every
+    behavior acting on data going that way (the parts of ``a+b`` one after
+    the other; the first ``False`` or ``HANDLED`` stops the others), and
+    ``outlet`` puts the stream behaviors acting that way in front of the
+    destination.  Which behaviors act each way is worked out once per
+    behavior (its ``plan``), never per chunk.  While its hooks run, the
+    exchange is the connection's current one (``connection.exchange``).
+    """
+
+    __slots__ = ('connection', 'number', 'name', 'behavior', 'state', 'plan')
+
+    def __init__(self, connection, number, name, behavior):
+        self.connection = connection
+        self.number = number
+        self.name = name
+        self.behavior = behavior
+        #: a dict private to this exchange
+        self.state = {}
+        self.plan = behavior.plan or _plan(getattr(behavior, 'parts',
+                                                   [behavior]))
+
+    def hooks_act(self, to_backend):
+        """Whether socket hooks act on data going this way."""
+        return bool(self.plan[to_backend][0])
+
+    def outlet(self, dest, to_backend):
+        """*dest*, or an Outlet in front of it when stream behaviors act on
+        what goes this way."""
+        streams = self.plan[to_backend][1]
+        if not streams:
+            return dest
+        flow = self.connection.flow
+        return Outlet(dest.side, to_backend,
+                      [(part, flow(part, to_backend)) for part in streams])
+
+    def run(self, protocol, source, dest, to_backend, hooks=True):
+        """One readable event of a protocol that does not frame requests:
+        the hooks before, its ``_handle``, the hooks after.  False: close
+        the connection."""
+        dest = self.outlet(dest, to_backend)
+        if not hooks or not self.plan[to_backend][0]:
+            return protocol._handle(source, dest, to_backend)
+        verdict = self.before(protocol, source, dest, to_backend)
+        if verdict is False:
+            return False
+        if verdict is HANDLED:
+            return True
+        return bool(protocol._handle(source, dest, to_backend)) and \
+            self.after(protocol, source, dest, to_backend)
+
+    def before(self, protocol, source, dest, to_backend):
+        """``on_before_handle`` of each behavior acting this way: True,
+        False (close) or HANDLED (the hook dealt with the data)."""
+        return self._each('on_before_handle', protocol, source, dest,
+                          to_backend)
+
+    def between(self, protocol, source, dest, to_backend):
+        """``on_between_handle`` of each: False when one closes."""
+        return self._each('on_between_handle', protocol, source, dest,
+                          to_backend) is not False
+
+    def after(self, protocol, source, dest, to_backend):
+        """``on_after_handle`` of each: False when one closes."""
+        return self._each('on_after_handle', protocol, source, dest,
+                          to_backend) is not False
+
+    def _each(self, hook, protocol, source, dest, to_backend):
+        parts = self.plan[to_backend][0]
+        if not parts:
+            return True
+        conn = self.connection
+        current, conn.exchange = conn.exchange, self
+        try:
+            for part in parts:
+                verdict = getattr(part, hook)(protocol, source, dest,
+                                              to_backend)
+                if verdict is False or verdict is HANDLED:
+                    return verdict
+            return True
+        finally:
+            conn.exchange = current
+
+
+class Picker(object):
+    """Draws the behavior of each exchange of one connection from the mix
+    in force, and applies the gates of the common options (after, every,
+    times, clients): an exchange they keep out meets dummy."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.server = connection.server
+        self._sticky = None             # (mix generation, (name, behavior))
+        self._used = collections.Counter()  # behavior -> times it applied
+
+    def pick(self, number):
+        """``(name, behavior)`` for exchange *number*."""
+        mix = self.server.mix
+        if mix.single is not None:
+            return mix.single
+        name, behavior = self.draw(mix)
+        if behavior.gated:
+            name, behavior = self._gate(name, behavior, number)
+        return name, behavior
+
+    def draw(self, mix):
+        if not mix.per_connection:
+            return mix.draw(self.connection.rng)
+        # behaviors of connection scope are drawn once per connection (and
+        # again when the mix changes); the others for each exchange
+        generation = self.server.mix_generation
+        if self._sticky is None or self._sticky[0] != generation:
+            name, behavior = mix.draw(self.connection.rng)
+            if behavior.scope != 'connection':
+                name, behavior = None, None
+            self._sticky = (generation, (name, behavior))
+        if self._sticky[1][0] is not None:
+            return self._sticky[1]
+        name, behavior = mix.draw(self.connection.rng)
+        if behavior.scope == 'connection':
+            return 'dummy', self.server.dummy
+        return name, behavior
+
+    def _gate(self, name, behavior, number):
+        parts = getattr(behavior, 'parts', None)
+        if parts is None:
+            if self.admits(behavior, number):
+                return name, behavior
+            return 'dummy', self.server.dummy
+        admitted = [part for part in parts if self.admits(part, number)]
+        if not admitted:
+            return 'dummy', self.server.dummy
+        if len(admitted) == 1:
+            return admitted[0].name, admitted[0]
+        if len(admitted) < len(parts):
+            behavior = Composite(admitted)
+        return behavior.name, behavior
+
+    def admits(self, behavior, number):
+        """Whether exchange *number* may meet *behavior* (its options
+        after, every, times, clients)."""
+        get = behavior.settings.get
+        if number <= get('after', 0) or number % get('every', 1):
+            return False
+        if not self.serves_client(behavior):
+            return False
+        limit = get('times', 0)
+        if limit:
+            if self._used[behavior] >= limit:
+                return False
+            self._used[behavior] += 1
+        return True
+
+    def serves_client(self, behavior):
+        """Whether *behavior*'s option ``clients`` admits this client."""
+        networks = getattr(behavior, '_networks', None)
+        return not networks or _client_in(self.connection, networks)
+
+    def openers(self):
+        """The behaviors to run before the backend connection is made, each
+        drawn from its share of the mix."""
+        rng = self.connection.rng
+        for percent, name, behavior in self.server.mix.openers:
+            if percent < 100 and rng.random() * 100 >= percent:
+                continue
+            for part in getattr(behavior, 'parts', [behavior]):
+                if part.opens and self.serves_client(part):
+                    yield part
+
+
+# The engine: streams and their sides #####################################
 
 def _now():
     return time.monotonic()
@@ -1892,460 +3038,7 @@ class Duplex(object):
                 _close(side.sock)
 
 
-class Exchange(object):
-    """One request from the client and what answers it, with the behavior
-    drawn for it: the one place where behaviors meet the data.
-
-    The engine's step and the framed protocols call it: ``before``,
-    ``between`` and ``after`` run, in order, the socket hooks of every
-    behavior acting on data going that way (the parts of ``a+b`` one after
-    the other; the first ``False`` or ``HANDLED`` stops the others), and
-    ``outlet`` puts the stream behaviors acting that way in front of the
-    destination.  Which behaviors act each way is worked out once per
-    behavior (its ``plan``), never per chunk.  While its hooks run, the
-    exchange is the connection's current one (``connection.exchange``).
-    """
-
-    __slots__ = ('connection', 'number', 'name', 'behavior', 'state', 'plan')
-
-    def __init__(self, connection, number, name, behavior):
-        self.connection = connection
-        self.number = number
-        self.name = name
-        self.behavior = behavior
-        #: a dict private to this exchange
-        self.state = {}
-        self.plan = behavior.plan or _plan(getattr(behavior, 'parts',
-                                                   [behavior]))
-
-    def hooks_act(self, to_backend):
-        """Whether socket hooks act on data going this way."""
-        return bool(self.plan[to_backend][0])
-
-    def outlet(self, dest, to_backend):
-        """*dest*, or an Outlet in front of it when stream behaviors act on
-        what goes this way."""
-        streams = self.plan[to_backend][1]
-        if not streams:
-            return dest
-        flow = self.connection.flow
-        return Outlet(dest.side, to_backend,
-                      [(part, flow(part, to_backend)) for part in streams])
-
-    def run(self, protocol, source, dest, to_backend, hooks=True):
-        """One readable event of a protocol that does not frame requests:
-        the hooks before, its ``_handle``, the hooks after.  False: close
-        the connection."""
-        dest = self.outlet(dest, to_backend)
-        if not hooks or not self.plan[to_backend][0]:
-            return protocol._handle(source, dest, to_backend)
-        verdict = self.before(protocol, source, dest, to_backend)
-        if verdict is False:
-            return False
-        if verdict is HANDLED:
-            return True
-        return bool(protocol._handle(source, dest, to_backend)) and \
-            self.after(protocol, source, dest, to_backend)
-
-    def before(self, protocol, source, dest, to_backend):
-        """``on_before_handle`` of each behavior acting this way: True,
-        False (close) or HANDLED (the hook dealt with the data)."""
-        return self._each('on_before_handle', protocol, source, dest,
-                          to_backend)
-
-    def between(self, protocol, source, dest, to_backend):
-        """``on_between_handle`` of each: False when one closes."""
-        return self._each('on_between_handle', protocol, source, dest,
-                          to_backend) is not False
-
-    def after(self, protocol, source, dest, to_backend):
-        """``on_after_handle`` of each: False when one closes."""
-        return self._each('on_after_handle', protocol, source, dest,
-                          to_backend) is not False
-
-    def _each(self, hook, protocol, source, dest, to_backend):
-        parts = self.plan[to_backend][0]
-        if not parts:
-            return True
-        conn = self.connection
-        current, conn.exchange = conn.exchange, self
-        try:
-            for part in parts:
-                verdict = getattr(part, hook)(protocol, source, dest,
-                                              to_backend)
-                if verdict is False or verdict is HANDLED:
-                    return verdict
-            return True
-        finally:
-            conn.exchange = current
-
-
-class Picker(object):
-    """Draws the behavior of each exchange of one connection from the mix
-    in force, and applies the gates of the common options (after, every,
-    times, clients): an exchange they keep out meets dummy."""
-
-    def __init__(self, connection):
-        self.connection = connection
-        self.server = connection.server
-        self._sticky = None             # (mix generation, (name, behavior))
-        self._used = collections.Counter()  # behavior -> times it applied
-
-    def pick(self, number):
-        """``(name, behavior)`` for exchange *number*."""
-        mix = self.server.mix
-        if mix.single is not None:
-            return mix.single
-        name, behavior = self.draw(mix)
-        if behavior.gated:
-            name, behavior = self._gate(name, behavior, number)
-        return name, behavior
-
-    def draw(self, mix):
-        if not mix.per_connection:
-            return mix.draw(self.connection.rng)
-        # behaviors of connection scope are drawn once per connection (and
-        # again when the mix changes); the others for each exchange
-        generation = self.server.mix_generation
-        if self._sticky is None or self._sticky[0] != generation:
-            name, behavior = mix.draw(self.connection.rng)
-            if behavior.scope != 'connection':
-                name, behavior = None, None
-            self._sticky = (generation, (name, behavior))
-        if self._sticky[1][0] is not None:
-            return self._sticky[1]
-        name, behavior = mix.draw(self.connection.rng)
-        if behavior.scope == 'connection':
-            return 'dummy', self.server.dummy
-        return name, behavior
-
-    def _gate(self, name, behavior, number):
-        parts = getattr(behavior, 'parts', None)
-        if parts is None:
-            if self.admits(behavior, number):
-                return name, behavior
-            return 'dummy', self.server.dummy
-        admitted = [part for part in parts if self.admits(part, number)]
-        if not admitted:
-            return 'dummy', self.server.dummy
-        if len(admitted) == 1:
-            return admitted[0].name, admitted[0]
-        if len(admitted) < len(parts):
-            behavior = Composite(admitted)
-        return behavior.name, behavior
-
-    def admits(self, behavior, number):
-        """Whether exchange *number* may meet *behavior* (its options
-        after, every, times, clients)."""
-        get = behavior.settings.get
-        if number <= get('after', 0) or number % get('every', 1):
-            return False
-        if not self.serves_client(behavior):
-            return False
-        limit = get('times', 0)
-        if limit:
-            if self._used[behavior] >= limit:
-                return False
-            self._used[behavior] += 1
-        return True
-
-    def serves_client(self, behavior):
-        """Whether *behavior*'s option ``clients`` admits this client."""
-        networks = getattr(behavior, '_networks', None)
-        return not networks or _client_in(self.connection, networks)
-
-    def openers(self):
-        """The behaviors to run before the backend connection is made, each
-        drawn from its share of the mix."""
-        rng = self.connection.rng
-        for percent, name, behavior in self.server.mix.openers:
-            if percent < 100 and rng.random() * 100 >= percent:
-                continue
-            for part in getattr(behavior, 'parts', [behavior]):
-                if part.opens and self.serves_client(part):
-                    yield part
-
-
-class Connection(object):
-    """One client, its backend connection, and the loop between them: the
-    life of the connection, from the backend's connect to the close."""
-
-    def __init__(self, server, client, address):
-        self.server = server
-        self.id = next(server._ids)
-        self.duplex = Duplex(self, client)
-        #: the two Sides (``backend`` once connected)
-        self.client, self.backend = self.duplex.client, None
-        self.client_address = address
-        self.client_text = format_address(address)
-        self.backend_address = server.backend
-        self.started = time.time()
-        self.bytes_up = 0       # read from the client
-        self.bytes_down = 0     # read from the backend
-        self.exchanges = 0
-        self.behaviors_met = collections.Counter()
-        #: a dict for plugins (per behavior, prefer new_state/state_of)
-        self.state = {}
-        self._states = {}
-        self._flows = {}
-        # a dummy exchange keeps nothing: one serves them all
-        self.plain = self.exchange = Exchange(self, 0, 'dummy', server.dummy)
-        self.picker = Picker(self)
-        self.protocol = None
-        self._plain_tcp = False
-        self._rng = None
-        #: True once all that is left from the client is its end of stream
-        self.client_ended = False
-        #: set from another thread to end the connection now (see abort)
-        self.aborted = False
-
-    @property
-    def rng(self):
-        """This connection's random generator: seeded from ``--seed`` and
-        the connection's number, so a run can be replayed."""
-        if self._rng is None:
-            seed = self.server.seed
-            if seed is None:
-                self._rng = random.Random()
-            else:
-                self._rng = random.Random('%s:%d' % (seed, self.id))
-        return self._rng
-
-    # exchanges, and what behaviors keep per connection
-
-    def start_exchange(self, request=None):
-        """Draw the behavior for a new exchange and make it current: the
-        one place where exchanges are counted and decisions made.
-        *request* says what the client asked, in a few words (a framed
-        protocol knows: ``GET /users``, ``SET``), for the decision log."""
-        self.exchanges += 1
-        number = self.exchanges
-        server = self.server
-        name, behavior = self.picker.pick(number)
-        if behavior is server.dummy:
-            exchange = self.plain
-        else:
-            exchange = Exchange(self, number, name, behavior)
-            if not behavior.passive:
-                server.decide(self, number, behavior, request)
-        self.exchange = exchange
-        self.behaviors_met[name] += 1
-        if server.statsd.enabled:
-            server.statsd.incr('behavior.' + name)
-        return exchange
-
-    def state_of(self, behavior):
-        """*behavior*'s state on this connection: what its ``new_state()``
-        returned, made at the first call."""
-        try:
-            return self._states[behavior]
-        except KeyError:
-            state = self._states[behavior] = behavior.new_state()
-            return state
-
-    def flow(self, behavior, to_backend):
-        """*behavior*'s Flow for one direction of this connection."""
-        key = (id(behavior), to_backend)
-        flow = self._flows.get(key)
-        if flow is None or flow.behavior is not behavior:
-            flow = self._flows[key] = Flow(self, to_backend, behavior)
-        return flow
-
-    def wait_readable(self, side, timeout=None):
-        """Wait until *side* has data or its end, at most *timeout* seconds
-        (None: no limit), sending what waits either way; True if it has."""
-        return self.duplex.wait_readable(side.side, timeout)
-
-    def stop_reading(self, sock):
-        """Stop reading *sock* (a Side); False when nothing is left to
-        read, nor to send."""
-        self.duplex.stop_reading(sock.side)
-        return self.duplex.busy()
-
-    # the life of the connection
-
-    def describe(self):
-        return '%d %s -> %s' % (self.id, format_address(self.client_address),
-                                format_address(self.backend_address))
-
-    def run(self):
-        server = self.server
-        if server.mix.openers:
-            for behavior in self.picker.openers():
-                server.decide(self, 0, behavior)
-                behavior.on_open(self)
-        try:
-            backend = server.connect_backend(self.backend_address)
-        except OSError as exc:
-            logger.warning('connection %s: cannot reach the backend (%s); '
-                           'closing the client', self.describe(),
-                           _os_error_text(exc))
-            server.statsd.incr('backend_errors')
-            return
-        self.backend = self.duplex.attach(backend)
-        if server.mix.per_connection:
-            # a behavior drawn for the whole connection also covers what
-            # the backend says before the client's first request
-            name, behavior = self.picker.draw(server.mix)
-            if not behavior.passive and behavior.scope == 'connection':
-                self.exchange = Exchange(self, 0, name, behavior)
-                server.decide(self, 0, behavior)
-        self.protocol = protocol = server.make_protocol()
-        protocol.connection = self
-        self._plain_tcp = type(protocol)._handle is TCP._handle
-        protocol.setup(self.client, self.backend)
-        self._loop(protocol)
-
-    def _loop(self, protocol):
-        duplex = self.duplex
-        poller, client, backend = duplex.poller, self.client, self.backend
-        sides = {client.fd: client, backend.fd: backend}
-        idle = self.server.idle_timeout
-        while duplex.busy() and not self.aborted:
-            timeout, timer = idle, False
-            due = duplex.due()
-            if due is not None:
-                wait = max(0.0, due - _now())
-                if timeout is None or wait < timeout:
-                    timeout, timer = wait, True
-            if timer and timeout < 0.002:
-                # poll counts in milliseconds: sleep for finer waits
-                time.sleep(timeout)
-                events = poller.poll(0)
-            else:
-                events = poller.poll(timeout)
-            if due is not None and not _guarded(self, duplex.run_due):
-                return
-            if not events:
-                if not timer:
-                    logger.info('connection %s: quiet for %gs, closing it',
-                                self.describe(), idle)
-                    return
-                continue
-            # a step may read the other socket too (a hook, a framed
-            # protocol relaying earlier answers): then what the poll said
-            # of that one is stale, and reading it again could block
-            client_reads, backend_reads = client.reads, backend.reads
-            for fd, flags in events:
-                side = sides.get(fd)
-                if side is None:
-                    continue
-                if flags & _POLLOUT or (side.blocked and not side.reading):
-                    # (a socket watched for POLLOUT alone reports its
-                    # errors as POLLERR/POLLHUP: flushing finds them)
-                    _guarded(self, side.flush)
-                if not flags & _NOT_POLLOUT or not side.reading or (
-                        side.reads != (client_reads if side is client
-                                       else backend_reads)):
-                    continue
-                if side.held and not flags & (_POLLHUP | _POLLERR):
-                    # not read while what it feeds is full: only its end
-                    # is news (its data comes first, once read again)
-                    if flags & _POLLRDHUP:
-                        side.ended = True
-                        duplex.watch(side)
-                    continue
-                to_backend = side is client
-                if to_backend and flags & _POLLRDHUP:
-                    self.client_ended = _only_end_of_stream(side)
-                if not self._step(protocol, side, side.peer, to_backend):
-                    return
-
-    def _step(self, protocol, source, dest, to_backend):
-        """*source* is readable: run it through the exchange it belongs to
-        and the protocol.  False: close the connection."""
-        duplex = self.duplex
-        duplex.source = duplex.granted = source
-        try:
-            return _guarded(self, self._dispatch, protocol, source, dest,
-                                 to_backend)
-        finally:
-            duplex.source = duplex.granted = None
-
-    def _dispatch(self, protocol, source, dest, to_backend):
-        if protocol.frames:
-            # it starts an exchange per request, and runs them itself
-            return protocol._handle(source, dest, to_backend)
-        if not to_backend:
-            exchange = self.exchange    # an answer: the current exchange's
-        elif self.client_ended:
-            # nothing left but the end of the client's stream: no new
-            # exchange, and only the stream behaviors of the current one
-            return self.exchange.run(protocol, source, dest, to_backend,
-                                     hooks=False)
-        else:
-            exchange = self.start_exchange()
-        if exchange is self.plain and self._plain_tcp:
-            # the fast path: plain tcp under dummy, straight through
-            data = source.recv(protocol._bufsize)
-            if not data:
-                return protocol._end_of_stream(source, dest)
-            dest.sendall(data)
-            if to_backend:
-                self.bytes_up += len(data)
-            else:
-                self.bytes_down += len(data)
-            return True
-        return exchange.run(protocol, source, dest, to_backend)
-
-    def abort(self):
-        """End the connection now, from another thread: its thread sees
-        the end of both streams and finishes without waiting."""
-        self.aborted = True
-        self.duplex.shutdown()
-
-    def met(self):
-        """Exchanges by the behavior they met."""
-        return collections.Counter(self.behaviors_met)
-
-    def summary(self):
-        met = ' '.join('%s=%d' % item for item in
-                       sorted(self.met().items())) or 'none'
-        return ('connection %s closed after %.3fs: %d bytes up, %d bytes '
-                'down, %d exchanges (%s)' % (
-                    self.describe(), time.time() - self.started,
-                    self.bytes_up, self.bytes_down, self.exchanges, met))
-
-
-def _guarded(conn, call, *args):
-    """Run *call* for connection *conn*; a peer gone or a plugin raising
-    closes this connection only (False), with one log line."""
-    try:
-        return call(*args)
-    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
-            socket.timeout) as exc:
-        logger.debug('connection %s: %s', conn.describe(),
-                     _os_error_text(exc))
-        if isinstance(exc, ConnectionResetError):
-            # a plugin's own socket call met a reset: pass it on
-            for side in (conn.client, conn.backend):
-                if side is not None:
-                    _reset(side.sock)
-        return False
-    except OSError as exc:
-        if conn.server.closing or conn.aborted:
-            return False
-        logger.info('connection %s: %s', conn.describe(),
-                    _os_error_text(exc))
-        return False
-    except Exception as exc:
-        logger.error('connection %s: %s raised %s: %s; closing this '
-                     'connection', conn.describe(), _culprit(exc),
-                     type(exc).__name__, exc)
-        logger.debug('%s', traceback.format_exc())
-        return False
-
-
-# poll()'s events, with the values select.poll uses (where it exists)
-_POLLIN = getattr(select, 'POLLIN', 1)
-_POLLPRI = getattr(select, 'POLLPRI', 2)
-_POLLOUT = getattr(select, 'POLLOUT', 4)
-_POLLERR = getattr(select, 'POLLERR', 8)
-_POLLHUP = getattr(select, 'POLLHUP', 16)
-_IN_EVENTS = _POLLIN | _POLLPRI
-_READ_EVENTS = _IN_EVENTS | _POLLRDHUP
-_NOT_POLLOUT = ~_POLLOUT
-
+# The engine: polling and sockets #########################################
 
 class _Poller(object):
     """``select.poll`` where there is one, ``selectors`` elsewhere; both
@@ -2477,413 +3170,7 @@ def _reset(sock):
     _close(sock)
 
 
-class _Statsd(object):
-    """Counters sent as plain statsd UDP lines; names have a bounded set
-    of values (no per-connection ids)."""
-
-    def __init__(self, host=None, port=8125, prefix='vaurien',
-                 sample_rate=1.0):
-        self.enabled = bool(host)
-        self.prefix = prefix
-        #: the share of counts sent, each one standing for 1/rate (statsd
-        #: multiplies it back)
-        self.sample_rate = sample_rate
-        self._tail = '|c' if sample_rate >= 1 else '|c|@%g' % sample_rate
-        if self.enabled:
-            self.address = (host, port)
-            self.sock = socket.socket(
-                socket.AF_INET6 if ':' in host else socket.AF_INET,
-                socket.SOCK_DGRAM)
-            self.sock.setblocking(False)
-
-    def incr(self, name, count=1):
-        if not self.enabled:
-            return
-        if self.sample_rate < 1 and random.random() >= self.sample_rate:
-            return
-        line = ('%s.%s:%d%s' % (self.prefix, name, count,
-                                self._tail)).encode('ascii')
-        try:
-            self.sock.sendto(line, self.address)
-        except OSError:
-            pass
-
-
-class ProxyHandler(socketserver.BaseRequestHandler):
-    """Runs one client connection in its own thread."""
-
-    def handle(self):
-        server = self.server
-        conn = Connection(server, self.request, self.client_address)
-        server.connections[conn.id] = conn
-        server.statsd.incr('connections')
-        try:
-            conn.run()
-        except Exception as exc:    # never let one connection kill others
-            logger.error('connection %s: %s: %s', conn.describe(),
-                         type(exc).__name__, exc)
-            logger.debug('%s', traceback.format_exc())
-        finally:
-            server.count_closed(conn)
-            conn.duplex.close()
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug('%s', conn.summary())
-
-
-class _Spare(object):
-    """A connection's thread waiting for the next connection."""
-    __slots__ = ('wake', 'job')
-
-    def __init__(self):
-        self.wake = threading.Lock()
-        self.wake.acquire()     # released to hand over a connection
-        self.job = None
-
-
-class ProxyServer(socketserver.ThreadingTCPServer):
-    """The chaos proxy: listens on *proxy*, connects each client to
-    *backend*, and runs the behavior *mix* on every exchange."""
-
-    # a thread per connection, which must not keep the process alive
-    daemon_threads = True
-    # do not wait for connections in server_close() (Python 3.7+)
-    block_on_close = False
-    allow_reuse_address = True
-    # socketserver's default of 5 drops part of a burst of connections
-    request_queue_size = 2048
-    # decisions kept in memory for GET /decisions
-    decision_log_size = 10000
-    # seconds a connection that is ending waits to deliver what it still
-    # holds: before a reset (which throws away what the kernel holds), and
-    # for a backend that takes nothing once the client's stream has ended
-    grace = 2.0
-    # threads kept waiting for the next connection once theirs has ended,
-    # and how long one waits before it ends too (seconds)
-    spare_threads = 64
-    spare_thread_idle = 60.0
-
-    def __init__(self, proxy=('127.0.0.1', 8000), backend=('127.0.0.1', 80),
-                 protocol='tcp', behavior='dummy', timeout=30.0,
-                 idle_timeout=None, backlog=None, seed=None,
-                 protocol_options=None, behavior_options=None, statsd=None):
-        # in-process proxies find the bundled plugins as the command line
-        # does, without a load_plugins() call first
-        _load_bundled_plugins()
-        if isinstance(proxy, str):
-            proxy = parse_address(proxy, 'proxy address', allow_zero=True)
-        if isinstance(backend, str):
-            backend = parse_address(backend, 'backend address')
-        self.backend = tuple(backend)
-        self.timeout = timeout
-        self.idle_timeout = idle_timeout or None
-        self.seed = seed
-        self.statsd = statsd or _Statsd()
-        self.protocol_class = Protocol.get(protocol)
-        self.protocol_name = protocol
-        self.protocol_settings = validate_options(
-            'protocol', self.protocol_class, protocol_options or {})
-        # option values per behavior name from the command line and ini
-        # file: the base of every behavior set, live changes included
-        self.behavior_settings = {}
-        for name, values in (behavior_options or {}).items():
-            self.behavior_settings[name] = validate_options(
-                'behavior', Behavior.get(name), values)
-        self.dummy = Dummy()
-        self.connections = {}
-        self.closing = False
-        self._starved = False   # warned of running out of descriptors
-        self._ids = itertools.count(1)
-        self._stats_lock = threading.Lock()
-        self.started = time.time()
-        self._closed_exchanges = collections.Counter()
-        # totals of the connections that ended (open ones are added live)
-        self.totals = collections.Counter()
-        self.mix = None
-        self.mix_generation = 0
-        self._live = False      # whole-proxy behaviors wait for the socket
-        self.decisions = collections.deque(maxlen=self.decision_log_size)
-        self._decision_ids = itertools.count(1)
-        self.set_mix(behavior)
-        if backlog:
-            self.request_queue_size = backlog
-        if ':' in proxy[0]:
-            self.address_family = socket.AF_INET6
-        self._stop_request = threading.Event()
-        self._stopped = threading.Event()
-        self._listen_lock = threading.Lock()
-        self._spares = []       # [_Spare] waiting for a connection
-        self._spares_lock = threading.Lock()
-        socketserver.ThreadingTCPServer.__init__(self, tuple(proxy)[:2],
-                                                 ProxyHandler)
-        self._live = True
-        self._activate()
-
-    # what connections need
-
-    def get_request(self):
-        try:
-            return self.socket.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
-                             errno.ENOMEM):
-                # the connection waits in the backlog; do not spin on it
-                if not self._starved:
-                    logger.warning('out of file descriptors (%s): new '
-                                   'connections wait; raise the limit '
-                                   '(ulimit -n)', _os_error_text(exc))
-                self._starved = True
-                time.sleep(0.05)
-            raise
-
-    def process_request(self, request, client_address):
-        """Run the connection in a thread of its own: a spare one left by
-        an earlier connection, or a new one.  Starting a thread costs a
-        dozen system calls and a hand-off with the accepting thread; a
-        spare one is woken with a single lock release."""
-        with self._spares_lock:
-            spare = self._spares.pop() if self._spares else None
-        if spare is not None:
-            spare.job = (request, client_address)
-            spare.wake.release()
-            return
-        thread = threading.Thread(target=self._serve_connections,
-                                  args=(request, client_address),
-                                  name='vaurien %s' % format_address(
-                                      self.address))
-        thread.daemon = self.daemon_threads
-        thread.start()
-
-    def _serve_connections(self, request, client_address):
-        spare = None
-        while True:
-            self.process_request_thread(request, client_address)
-            if spare is None:
-                spare = _Spare()
-            with self._spares_lock:
-                if self.closing or len(self._spares) >= self.spare_threads:
-                    return
-                self._spares.append(spare)
-            if not spare.wake.acquire(timeout=self.spare_thread_idle):
-                with self._spares_lock:
-                    if spare in self._spares:
-                        self._spares.remove(spare)
-                        return
-                spare.wake.acquire()    # taken just now: the job is coming
-            if spare.job is None:
-                return
-            (request, client_address), spare.job = spare.job, None
-
-    def _end_spares(self):
-        with self._spares_lock:
-            spares, self._spares = self._spares, []
-        for spare in spares:
-            spare.wake.release()
-
-    def connect_backend(self, address=None):
-        sock = socket.create_connection(address or self.backend,
-                                        timeout=self.timeout)
-        sock.settimeout(None)
-        return sock
-
-    def make_protocol(self):
-        return self.protocol_class(self.protocol_settings, self)
-
-    def count_closed(self, conn):
-        """Move *conn* from the open connections to the totals, at once:
-        readers holding the lock see it in one place or the other."""
-        with self._stats_lock:
-            self.connections.pop(conn.id, None)
-            self.totals['connections'] += 1
-            self.totals['bytes_up'] += conn.bytes_up
-            self.totals['bytes_down'] += conn.bytes_down
-            if conn.backend is None:
-                self.totals['backend_errors'] += 1
-            self._closed_exchanges.update(conn.met())
-
-    def decide(self, conn, number, behavior, request=None):
-        """Log a non-dummy decision in one short line, and keep it, with
-        every option in force, for GET /decisions."""
-        direction, options = _decision_fields(behavior)
-        record = {
-            'id': next(self._decision_ids),
-            'time': time.time(),      # rounded when read: round() is slow
-            'connection': conn.id,
-            'client': conn.client_text,
-            'exchange': number,
-            'request': request,
-            'direction': direction,
-            'behavior': behavior.name,
-            'options': options}
-        self.decisions.append(record)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info('decision %d: connection %d exchange %d: %s%s',
-                        record['id'], conn.id, number, behavior.name,
-                        ' on %s' % request if request else '')
-
-    @property
-    def exchange_counts(self):
-        """Exchanges since start, by the behavior they met."""
-        with self._stats_lock:
-            counts = collections.Counter(self._closed_exchanges)
-            open_now = list(self.connections.values())
-        for conn in open_now:
-            counts.update(conn.met())
-        return counts
-
-    # changing the mix
-
-    def make_behavior(self, name, options=None):
-        """A fresh instance of behavior *name* with the options in force
-        (plus *options*); fresh, so its counters start again.  Several
-        names joined by '+' make a Composite; *options* then maps each
-        part's name to its options."""
-        if '+' in name:
-            options = options or {}
-            parts, values = [], {}
-            for part in name.split('+'):
-                instance, values[part] = self.make_behavior(
-                    part, options.get(part))
-                parts.append(instance)
-            return Composite(parts), values
-        cls = Behavior.get(name)
-        values = dict(self.behavior_settings.get(name, {}))
-        if options:
-            values.update(validate_options('behavior', cls, options))
-        instance = cls()
-        instance.proxy = self
-        instance.update_settings(values)
-        return instance, values
-
-    def set_mix(self, text, options=None):
-        """Put the mix *text* in force, for new exchanges of every
-        connection, open ones included.  *options* maps a behavior name to
-        option values to set with it."""
-        shares = parse_mix(text)
-        options = options or {}
-        instances = {}
-        parts = set()
-        for name, _ in shares:
-            if '+' in name:
-                instances[name], _ = self.make_behavior(name, options)
-            else:
-                instances[name], _ = self.make_behavior(
-                    name, options.get(name))
-            parts.update(name.split('+'))
-        for name in options:
-            if name not in parts:
-                raise VaurienError("options given for behavior '%s', which "
-                                   "is not in the mix" % name, 'options')
-        mix = Mix(shares, instances)
-        for behavior in instances.values():
-            check_for_protocol(self.protocol_class, behavior)
-        old, self.mix = self.mix, mix
-        self.mix_generation += 1
-        if self._live:
-            if old is not None:
-                for behavior in old.behaviors():
-                    if behavior.whole_proxy:
-                        behavior.deactivate(self)
-            self._activate()
-        return mix
-
-    def _activate(self):
-        for behavior in self.mix.behaviors():
-            if behavior.whole_proxy:
-                behavior.activate(self)
-
-    # accepting, and the `down` behavior
-
-    def serve_forever(self, poll_interval=0.5):
-        """Accept connections until ``shutdown()``; like socketserver's,
-        but the listening socket may close and open again (``go_down``,
-        ``go_up``)."""
-        self._stop_request.clear()
-        self._stopped.clear()
-        try:
-            while not self._stop_request.is_set():
-                listener = self.socket
-                if listener is None:
-                    self._stop_request.wait(poll_interval)
-                    continue
-                try:
-                    ready = wait_readable(listener, poll_interval)
-                except (OSError, ValueError):
-                    ready = False       # closed under us by go_down
-                if ready and listener is self.socket:
-                    self._handle_request_noblock()
-                self.service_actions()
-        finally:
-            self._stopped.set()
-
-    def shutdown(self):
-        """Stop serve_forever and wait until it has."""
-        self._stop_request.set()
-        self._stopped.wait()
-
-    def go_down(self):
-        """Refuse new connections (the listener closes) and close the open
-        ones, until ``go_up``."""
-        self.server_close()
-        for conn in list(self.connections.values()):
-            conn.abort()
-        logger.info('down: refusing connections on %s',
-                    format_address(self.address))
-
-    def go_up(self):
-        """Listen again, on the same address, after ``go_down``."""
-        with self._listen_lock:
-            if self.socket is not None or self.closing:
-                return
-            listener = socket.socket(self.address_family, self.socket_type)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(self.server_address)
-            listener.listen(self.request_queue_size)
-            self.socket = listener
-        logger.info('up: accepting connections on %s',
-                    format_address(self.address))
-
-    def fileno(self):
-        listener = self.socket
-        return listener.fileno() if listener is not None else -1
-
-    def server_close(self):
-        with self._listen_lock:
-            listener, self.socket = self.socket, None
-            if listener is not None:
-                _stop_listening(listener)
-
-    # stopping
-
-    def close_all(self):
-        """Stop accepting and close every open connection."""
-        self.closing = True
-        self.server_close()
-        self._end_spares()
-        for conn in list(self.connections.values()):
-            conn.abort()
-
-    def handle_error(self, request, client_address):
-        logger.error('connection from %s: %s', format_address(client_address),
-                     sys.exc_info()[1])
-
-    @property
-    def address(self):
-        """The address really listened on (``port 0`` resolved)."""
-        return self.server_address[:2]
-
-
-def _stop_listening(listener):
-    # shut down first: a close alone leaves the socket listening until the
-    # accepting thread's poll lets go of it
-    try:
-        listener.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    _close(listener)
-
-
-
-# The control API ########################################################
+# The control API #########################################################
 
 def _options_in_force(behavior):
     """Every option value of *behavior*, defaults included.  Cached and
@@ -3770,7 +4057,7 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                      sys.exc_info()[1])
 
 
-# Client helpers #########################################################
+# Client helpers ##########################################################
 
 class ControlError(VaurienError):
     """The control API said no: carries the HTTP status and the server's
@@ -3829,8 +4116,8 @@ class Client(_ControlMethods):
         self.timeout = timeout
         # Vaurien 1.x's attributes
         self.scheme = scheme
-        self.root_url = '%s://%s' % (scheme, format_address((host,
-                                                              self.port)))
+        self.root_url = '%s://%s' % (scheme,
+                                     format_address((host, self.port)))
         self.behavior_url = self.root_url + '/behavior'
         self.list_behaviors_url = self.root_url + '/behaviors'
 
@@ -4014,7 +4301,7 @@ def stop_proxy(pid):
     return process.returncode
 
 
-# Vaurien 1.x's module paths ############################################
+# Vaurien 1.x's module paths ##############################################
 
 def _original_module_paths():
     """Vaurien 1.x was a package: keep its module paths importable
@@ -4040,289 +4327,7 @@ def _original_module_paths():
 _original_module_paths()
 
 
-# Plugin discovery ########################################################
-
-# (installed name, name beside vaurien.py in the source folder)
-PLUGIN_PACKAGES = (('vaurien_protocols', 'protocols'),
-                   ('vaurien_behaviors', 'behaviors'))
-
-
-def _import_module(name, what):
-    try:
-        return importlib.import_module(name)
-    except PluginError:
-        raise
-    except BaseException as exc:
-        # KeyboardInterrupt and SystemExit too: a plugin's mistake, said
-        # in one line like any other
-        raise PluginError("%s '%s' failed to import: %s" % (
-            what, name, _exception_text(exc)))
-
-
-def _exception_text(exc):
-    """'RuntimeError: oops', or 'KeyboardInterrupt' when it says nothing."""
-    text = str(exc)
-    return '%s: %s' % (type(exc).__name__, text) if text else \
-        type(exc).__name__
-
-
-def _plugin_package(installed, local):
-    """The package holding bundled plugins: installed under its
-    ``vaurien_`` name, or the folder beside this file."""
-    for name in (installed, local):
-        folder = os.path.join(HERE, name)
-        if not os.path.isfile(os.path.join(folder, '__init__.py')):
-            continue
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(
-                name, os.path.join(folder, '__init__.py'),
-                submodule_search_locations=[folder])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException as exc:
-                del sys.modules[name]
-                raise PluginError("plugin package '%s' failed to import: %s"
-                                  % (folder, _exception_text(exc)))
-        return module
-    return None
-
-
-_bundled_loaded = []
-
-
-def _load_bundled_plugins():
-    """The bundled plugins, once per process (see load_plugins)."""
-    if not _bundled_loaded:
-        load_plugins()
-
-
-def load_plugins(modules=(), callables=()):
-    """Import every bundled plugin module, the *modules* a user names, and
-    the *callables* ``(kind, name, 'module:Class')`` of ini sections."""
-    _bundled_loaded.append(True)
-    for installed, local in PLUGIN_PACKAGES:
-        package = _plugin_package(installed, local)
-        if package is None:
-            continue
-        for info in sorted(pkgutil.iter_modules(package.__path__),
-                           key=lambda info: info[1]):
-            if not info[1].startswith('_'):
-                _import_module('%s.%s' % (package.__name__, info[1]),
-                               'plugin module')
-    for name in modules:
-        name = name.strip()
-        if name:
-            _import_module(name, 'plugin module')
-    for kind, name, where in callables:
-        registry = Protocol if kind == 'protocol' else Behavior
-        module_name, sep, attr = where.strip().partition(':')
-        if not sep:
-            module_name, _, attr = where.strip().rpartition('.')
-        if not module_name or not attr:
-            raise PluginError("[%s:%s] callable = %r: expected module:Class"
-                              % (kind, name, where))
-        module = _import_module(module_name, 'plugin module')
-        cls = getattr(module, attr, None)
-        if not isinstance(cls, type):
-            raise PluginError("[%s:%s] callable = %r: %s has no %s class %r"
-                              % (kind, name, where, module_name, kind, attr))
-        try:
-            registry.register(cls, name)
-        except PluginError as exc:
-            raise PluginError('[%s:%s] callable = %r: %s'
-                              % (kind, name, where, exc))
-
-
 # Command line and configuration ##########################################
-
-_LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')
-
-
-class Setting(object):
-    """One core setting, declared once: its flag (``--idle-timeout``),
-    its ini key (``idle_timeout`` in [vaurien]; *statsd*: its key in
-    [statsd] too), its type, default and help, and the values it accepts:
-    *limits* (a Range), and *check*, called with the converted value,
-    which returns the value to keep or raises VaurienError."""
-
-    def __init__(self, name, default, help, metavar=None, type=str,
-                 limits=None, check=None, statsd=None, ignored=None):
-        self.name = name
-        self.flag = '--' + name.replace('_', '-')
-        #: the flag's other spellings: Vaurien 1.x's --statsd.host...
-        self.aliases = ['--statsd.' + statsd.replace('_', '-')] if statsd \
-            else []
-        self.default = default
-        self.help = help
-        self.metavar = metavar
-        self.type = type
-        self.limits = limits
-        self.check = check
-        self.statsd = statsd
-        #: why a Vaurien 1.x setting that means nothing any more is
-        #: accepted, and ignored with a warning at start-up
-        self.ignored = ignored
-
-    def help_text(self):
-        """The --help line: the help, the default and the range."""
-        notes = []
-        if self.default is not None and self.default is not False and \
-                self.default != '':
-            notes.append('default %s' % _show(self.default))
-        if self.limits is not None:
-            notes.append(str(self.limits))
-        return '%s (%s)' % (self.help, '; '.join(notes)) if notes \
-            else self.help
-
-    def convert(self, value, where):
-        """*value* (text from the command line or the ini file, or a Python
-        value) converted and checked; VaurienError naming *where* and the
-        setting otherwise."""
-        if value is None:
-            return None
-        try:
-            value = convert_value(value, self.type)
-        except (TypeError, ValueError, OverflowError):
-            raise VaurienError('%s: setting %r must be %s, not %r' % (
-                where, self.name, _TYPE_WORDS[self.type], _clip(value)))
-        if self.type is float and not math.isfinite(value):
-            raise VaurienError('%s: %s must be a finite number (%s), not %r'
-                               % (where, self.name, self.limits, value))
-        if self.limits is not None:
-            problem = self.limits.problem(value)
-            if problem is not None:
-                raise VaurienError('%s: %s %s' % (where, self.name, problem))
-        if self.check is not None:
-            try:
-                value = self.check(value)
-            except VaurienError as exc:
-                raise VaurienError('%s: %s' % (where, exc))
-        return value
-
-
-def _check_log_level(level):
-    level = level.strip().lower()
-    if level not in _LOG_LEVELS:
-        raise VaurienError('unknown log level %r (use one of %s)'
-                           % (_clip(level), ', '.join(_LOG_LEVELS)))
-    return level
-
-
-def _check_prefix(prefix):
-    # the statsd line is PREFIX.NAME:COUNT|c, in ASCII
-    if not prefix or not all(c.isalnum() and ord(c) < 128 or c in '._-'
-                             for c in prefix):
-        raise VaurienError('statsd prefix %r: use letters, digits and '
-                           '._- only, e.g. vaurien' % _clip(prefix))
-    return prefix
-
-
-def _check_token(token):
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise VaurienError('the control API token must be one or more '
-                           'printable characters without spaces (leave '
-                           '--http-token out for no token)')
-    return token
-
-
-def _check_proxy(text):
-    parse_address(text, 'proxy address', allow_zero=True)
-    return text
-
-
-def _check_backend(text):
-    parse_address(text, 'backend address')
-    return text
-
-
-def _check_cpu(text):
-    _cpu_choice(text)
-    return text
-
-
-#: Every core setting; build_parser, load_settings and build_server read
-#: this, and nothing else says a default, a type or a help text.
-SETTINGS = [
-    Setting('proxy', 'localhost:8000', 'address to listen on; port 0 picks '
-            'a free one', 'HOST:PORT', check=_check_proxy),
-    Setting('backend', 'localhost:80', 'address of the backend',
-            'HOST:PORT', check=_check_backend),
-    Setting('protocol', 'tcp', 'protocol plugin', 'NAME'),
-    Setting('behavior', 'dummy', 'behavior mix, PERCENT:NAME[,...], e.g. '
-            '20:delay,5:error; the rest is dummy', 'MIX'),
-    Setting('timeout', 30.0, 'seconds allowed to connect to the backend; '
-            '0: no limit', 'SECONDS', float, Range(0, MAX_DELAY, 'seconds')),
-    Setting('idle_timeout', 0.0, 'close connections quiet both ways for '
-            'this many seconds; 0: never', 'SECONDS', float,
-            Range(0, 86400, 'seconds')),
-    Setting('stay_connected', False, 'accepted for Vaurien 1.x: '
-            'connections are never cut for being quiet unless '
-            '--idle-timeout says so', type=bool),
-    Setting('backlog', 2048, 'listen queue length', 'N', int,
-            Range(1, 65535)),
-    Setting('cpu', 'auto', 'auto: run every thread on one CPU, the one '
-            'vaurien starts on; a CPU number: run on that one; all: let the '
-            'system spread the threads', 'CPU', check=_check_cpu),
-    Setting('seed', None, 'seed for every random choice: the same seed and '
-            'traffic make the same choices', 'SEED'),
-    Setting('plugins', '', 'extra plugin modules to import '
-            '(comma-separated)', 'MODULE[,MODULE]'),
-    Setting('log_level', 'info', 'debug, info, warning, error or critical',
-            'LEVEL', check=_check_log_level),
-    Setting('log_output', '-', "'-' or stderr, stdout, or a file path",
-            'FILE'),
-    Setting('statsd', False, 'send counters to statsd', type=bool,
-            statsd='enabled'),
-    Setting('statsd_host', 'localhost', 'statsd host', 'HOST',
-            check=lambda host: check_host(host, 'statsd host'),
-            statsd='host'),
-    Setting('statsd_port', 8125, 'statsd UDP port', 'PORT', int,
-            Range(1, 65535), statsd='port'),
-    Setting('statsd_prefix', 'vaurien', 'prefix of the statsd counters',
-            'PREFIX', check=_check_prefix, statsd='prefix'),
-    Setting('statsd_sample_rate', 1.0, 'share of the counts sent to '
-            'statsd (each with @RATE, as statsd clients do)', 'RATE', float,
-            Range(0.001, 1), statsd='sample_rate'),
-    Setting('http', False, 'serve the control API (REST, JSON) to read and '
-            'change the behavior live', type=bool),
-    Setting('http_host', '127.0.0.1', 'address of the control API', 'HOST',
-            check=lambda host: check_host(host, 'control API host')),
-    Setting('http_port', 8080, 'port of the control API; 0 picks a free '
-            'one', 'PORT', int, Range(0, 65535)),
-    Setting('http_token', None, 'require this bearer token on the control '
-            'API', 'TOKEN', check=_check_token),
-    Setting('ready_file', None, 'once listening, write the real addresses '
-            'there as JSON (for scripts that start vaurien on port 0)',
-            'FILE'),
-    # Vaurien 1.x's, with no meaning any more: accepted, and ignored
-    Setting('bufsize', None, '', 'BYTES', int, Range(1, 1 << 24, 'bytes'),
-            ignored='each protocol reads with its own buffer option, e.g. '
-            '--protocol-tcp-buffer'),
-    Setting('pool_max_size', None, '', 'N', int, Range(0, 10 ** 6),
-            ignored='vaurien keeps no pool of backend connections: each '
-            'client has its own'),
-    Setting('pool_timeout', None, '', 'SECONDS', float,
-            Range(0, MAX_DELAY, 'seconds'), ignored='vaurien keeps no pool '
-            'of backend connections'),
-    Setting('sync', None, '', type=bool, ignored='every connection runs '
-            'in a thread of its own, with no event loop to make '
-            'synchronous'),
-]
-_SETTINGS = collections.OrderedDict((s.name, s) for s in SETTINGS)
-#: The default of each core setting.
-DEFAULTS = collections.OrderedDict((s.name, s.default) for s in SETTINGS)
-
-
-def check_settings(settings, where='settings'):
-    """Every core setting of *settings* (a mapping; those missing take
-    their default) converted and checked, as a new OrderedDict."""
-    return collections.OrderedDict(
-        (name, setting.convert(settings.get(name, setting.default), where))
-        for name, setting in _SETTINGS.items())
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line and no usage block."""
@@ -4662,6 +4667,127 @@ def _list_options(out, table):
             option, default, type_.__name__, description, extra))
 
 
+def start_control(settings, server):
+    """The control API's server, when --http asks for it."""
+    if not settings['http']:
+        return None
+    address = (settings['http_host'], settings['http_port'])
+    try:
+        return ControlServer(address, server, settings['http_token'])
+    except OSError as exc:
+        server.server_close()
+        raise VaurienError('cannot serve the control API on %s: %s (pick '
+                           'another --http-port)' % (format_address(address),
+                                                     _os_error_text(exc)))
+
+
+def write_ready_file(path, server, control):
+    ready = {'proxy': list(server.address), 'pid': os.getpid(),
+             'http': list(control.address) if control else None}
+    partial = path + '.partial'
+    try:
+        with open(partial, 'w') as stream:
+            json.dump(ready, stream)
+        os.rename(partial, path)
+    except OSError as exc:
+        raise VaurienError('cannot write --ready-file %r: %s' % (
+            path, _os_error_text(exc)))
+
+
+# Process tuning ##########################################################
+
+#: seconds; see main()
+SWITCH_INTERVAL = 0.05
+
+
+def raise_descriptor_limit(wanted=1 << 16):
+    """Each connection takes two file descriptors: ask for as many as the
+    system allows (the hard limit; more when privileged)."""
+    try:
+        import resource
+    except ImportError:         # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limits in ((max(hard, wanted), max(hard, wanted)), (hard, hard)):
+        if limits[0] == resource.RLIM_INFINITY or limits[0] <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def _current_cpu():
+    """The CPU this thread last ran on (Linux), or None."""
+    try:
+        with open('/proc/thread-self/stat') as stream:
+            fields = stream.read().rpartition(')')[2].split()
+        return int(fields[36])      # field 39, "processor"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_choice(choice):
+    """--cpu's value: None for auto, 'all', or a CPU number."""
+    choice = str(choice).strip().lower()
+    if choice in ('auto', 'all'):
+        return None if choice == 'auto' else choice
+    cpu = int(choice) if choice.isdigit() else -1
+    if not 0 <= cpu < 1 << 16:
+        raise VaurienError('cpu must be auto, all or a CPU number, not %r'
+                           % _clip(choice))
+    return cpu
+
+
+def pin_to_cpu(choice='auto'):
+    """Keep the calling thread, and the threads it starts from now on, on
+    one CPU; returns that CPU's number, or None when left to the system.
+
+    Only one thread runs Python at a time (the GIL), so a proxy gains
+    nothing from a second CPU, and loses much: every hand-off of the GIL
+    to a thread waiting on another CPU is a cross-CPU wake-up (an
+    interrupt, a virtual machine exit) and cold caches.  Measured: on one
+    CPU, 2.5 times the requests with 50 busy connections, at a third of
+    the CPU per request (README.txt, Performance)."""
+    cpu = _cpu_choice(choice)
+    auto = cpu is None
+    if cpu == 'all':
+        return None
+    if not hasattr(os, 'sched_setaffinity'):
+        if cpu is not None:
+            raise VaurienError('cpu %d: this Python cannot pin threads to a '
+                               'CPU (no os.sched_setaffinity; use --cpu auto '
+                               'or all)' % cpu)
+        return None
+    gil = getattr(sys, '_is_gil_enabled', None)
+    if cpu is None and gil is not None and not gil():
+        return None                 # free-threaded: threads run in parallel
+    allowed = os.sched_getaffinity(0)
+    if cpu is None:
+        if len(allowed) < 2:
+            return None
+        cpu = _current_cpu()
+        if cpu not in allowed:
+            cpu = min(allowed)
+    elif cpu not in allowed:
+        raise VaurienError('cpu %d is not available here (this process may '
+                           'use %s; or use --cpu auto or all)' % (
+                               cpu, ', '.join(map(str, sorted(allowed)))))
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:          # a cpuset changed under us...
+        if not auto:
+            raise VaurienError('cannot run on cpu %d: %s (use --cpu auto or '
+                               'all)' % (cpu, _os_error_text(exc)))
+        logger.warning('cannot keep threads on CPU %d (%s): using every CPU',
+                       cpu, _os_error_text(exc))
+        return None
+    return cpu
+
+
+# Main ####################################################################
+
 #: The signals that stop vaurien gracefully; SIGHUP (a closed terminal,
 #: a supervisor's reload) would otherwise kill it without a word.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in
@@ -4759,123 +4885,6 @@ def _wait_for_stop(server, waiter, waker):
                 if failure:
                     raise failure[0][1].with_traceback(failure[0][2])
                 return None
-
-
-def start_control(settings, server):
-    """The control API's server, when --http asks for it."""
-    if not settings['http']:
-        return None
-    address = (settings['http_host'], settings['http_port'])
-    try:
-        return ControlServer(address, server, settings['http_token'])
-    except OSError as exc:
-        server.server_close()
-        raise VaurienError('cannot serve the control API on %s: %s (pick '
-                           'another --http-port)' % (format_address(address),
-                                                     _os_error_text(exc)))
-
-
-def write_ready_file(path, server, control):
-    ready = {'proxy': list(server.address), 'pid': os.getpid(),
-             'http': list(control.address) if control else None}
-    partial = path + '.partial'
-    try:
-        with open(partial, 'w') as stream:
-            json.dump(ready, stream)
-        os.rename(partial, path)
-    except OSError as exc:
-        raise VaurienError('cannot write --ready-file %r: %s' % (
-            path, _os_error_text(exc)))
-
-
-#: seconds; see main()
-SWITCH_INTERVAL = 0.05
-
-
-def raise_descriptor_limit(wanted=1 << 16):
-    """Each connection takes two file descriptors: ask for as many as the
-    system allows (the hard limit; more when privileged)."""
-    try:
-        import resource
-    except ImportError:         # not on Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for limits in ((max(hard, wanted), max(hard, wanted)), (hard, hard)):
-        if limits[0] == resource.RLIM_INFINITY or limits[0] <= soft:
-            continue
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-            return
-        except (ValueError, OSError):
-            continue
-
-
-def _current_cpu():
-    """The CPU this thread last ran on (Linux), or None."""
-    try:
-        with open('/proc/thread-self/stat') as stream:
-            fields = stream.read().rpartition(')')[2].split()
-        return int(fields[36])      # field 39, "processor"
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _cpu_choice(choice):
-    """--cpu's value: None for auto, 'all', or a CPU number."""
-    choice = str(choice).strip().lower()
-    if choice in ('auto', 'all'):
-        return None if choice == 'auto' else choice
-    cpu = int(choice) if choice.isdigit() else -1
-    if not 0 <= cpu < 1 << 16:
-        raise VaurienError('cpu must be auto, all or a CPU number, not %r'
-                           % _clip(choice))
-    return cpu
-
-
-def pin_to_cpu(choice='auto'):
-    """Keep the calling thread, and the threads it starts from now on, on
-    one CPU; returns that CPU's number, or None when left to the system.
-
-    Only one thread runs Python at a time (the GIL), so a proxy gains
-    nothing from a second CPU, and loses much: every hand-off of the GIL
-    to a thread waiting on another CPU is a cross-CPU wake-up (an
-    interrupt, a virtual machine exit) and cold caches.  Measured: on one
-    CPU, 2.5 times the requests with 50 busy connections, at a third of
-    the CPU per request (README.txt, Performance)."""
-    cpu = _cpu_choice(choice)
-    auto = cpu is None
-    if cpu == 'all':
-        return None
-    if not hasattr(os, 'sched_setaffinity'):
-        if cpu is not None:
-            raise VaurienError('cpu %d: this Python cannot pin threads to a '
-                               'CPU (no os.sched_setaffinity; use --cpu auto '
-                               'or all)' % cpu)
-        return None
-    gil = getattr(sys, '_is_gil_enabled', None)
-    if cpu is None and gil is not None and not gil():
-        return None                 # free-threaded: threads run in parallel
-    allowed = os.sched_getaffinity(0)
-    if cpu is None:
-        if len(allowed) < 2:
-            return None
-        cpu = _current_cpu()
-        if cpu not in allowed:
-            cpu = min(allowed)
-    elif cpu not in allowed:
-        raise VaurienError('cpu %d is not available here (this process may '
-                           'use %s; or use --cpu auto or all)' % (
-                               cpu, ', '.join(map(str, sorted(allowed)))))
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as exc:          # a cpuset changed under us...
-        if not auto:
-            raise VaurienError('cannot run on cpu %d: %s (use --cpu auto or '
-                               'all)' % (cpu, _os_error_text(exc)))
-        logger.warning('cannot keep threads on CPU %d (%s): using every CPU',
-                       cpu, _os_error_text(exc))
-        return None
-    return cpu
 
 
 def _say(message, *args):
