@@ -6,31 +6,41 @@ purpose, so that you can see what the application does when the backend is
 slow, fails, hangs or vanishes.  Everything here is standard library only:
 copy this file anywhere and run it.
 
-The life of one client connection::
+The life of one client connection, top down as this file reads::
 
     client --connect--> ProxyServer (socketserver.ThreadingTCPServer)
-                             |  one thread per connection
+                             |  accept; a thread per connection: a spare
+                             |  one left by an ended connection, or new
                              v
                         Connection.run()
-                             |  connect to the backend (--timeout)
+                             |  behaviors' on_open; connect the backend
+                             |  (--timeout); a Duplex of two Sides
                              v
-              +-------> poll() over the client and backend Sides
-              |              |  one of them is readable (or drained:
-              |              |  what waited for it goes out)
+              +-------> Connection._loop(): poll() over both Sides
+              |              |  one is readable, or drained (what waited
+              |              |  for it goes out), or a timer is due
               |              v
-              |         protocol(source, dest, to_backend)
-              |              |  data from the client starts a new
-              |              |  exchange: the behavior mix is drawn
+              |         Connection._step(source, dest, to_backend)
+              |              |  data from the client starts an Exchange:
+              |              |  the behavior mix is drawn (Picker)
               |              v
-              |         behavior.on_before_handle()  -- False: close
-              |         protocol._handle()           -- False: close
-              |             (calls behavior.on_between_handle() once the
-              |              request went to the backend)
-              |         behavior.on_after_handle()   -- False: close
+              |         Exchange.run(): the behaviors acting this way
+              |             on_before_handle()      -- False: close
+              |             protocol._handle()      -- False: close
+              |               (on_between_handle() once the request
+              |                went to the backend)
+              |             on_after_handle()       -- False: close
+              |             stream behaviors (Outlet): on_chunk, on_end
+              |             say when each piece goes out
               +--------------+
                              |  both directions ended, or a hook said stop
                              v
                         close both sockets, log one line
+
+A protocol that knows where requests start (``frames = True``, the
+plugins of protocols/) is called for every read instead, and runs an
+Exchange per request itself, so pipelined requests each meet their own
+behavior.
 
 Writes never block the loop: what a socket cannot take at once waits in
 its Side, in order, while the other direction goes on; past a few MiB
@@ -45,6 +55,7 @@ the misbehavior drawn for each exchange.  Both are plugins: classes with a
 beside this file, the modules named with ``--plugins`` and the ini file's
 ``[behavior:NAME] callable = module:Class`` sections are loaded at start-up.
 """
+
 __version__ = '2.0.0.dev0'
 import argparse
 import collections
@@ -1576,8 +1587,9 @@ class _Statsd(object):
     """Counters sent as plain statsd UDP lines; names have a bounded set
     of values (no per-connection ids)."""
 
-    def __init__(self, host=None, port=8125, prefix='vaurien',
-                 sample_rate=1.0):
+    def __init__(self, host=None, port=DEFAULTS['statsd_port'],
+                 prefix=DEFAULTS['statsd_prefix'],
+                 sample_rate=DEFAULTS['statsd_sample_rate']):
         self.enabled = bool(host)
         self.prefix = prefix
         #: the share of counts sent, each one standing for 1/rate (statsd
@@ -1606,15 +1618,34 @@ class _Statsd(object):
 
 class ProxyServer(socketserver.ThreadingTCPServer):
     """The chaos proxy: listens on *proxy*, connects each client to
-    *backend*, and runs the behavior *mix* on every exchange."""
+    *backend*, and runs the behavior *mix* on every exchange.
+
+    Methods for the caller: serve_forever(), shutdown(), close_all();
+    set_mix() and make_behavior(); go_down() and go_up() (the ``down``
+    behavior); the properties address and exchange_counts.
+
+    Methods of socketserver this class replaces, and why:
+
+    - serve_forever() and shutdown(): the listening socket may close and
+      open again (go_down, go_up), which socketserver's loop cannot follow;
+    - get_request(): out of descriptors, it waits instead of spinning;
+    - process_request(): a connection's thread, once its connection has
+      ended, takes the next one (ThreadingMixIn starts a thread each time);
+    - server_close(): under a lock, any number of times, and the listener
+      is shut down first (a close alone leaves it listening while the
+      accepting thread's poll holds it);
+    - fileno(): -1 while down; handle_error(): one log line.
+
+    Class variables that may be overridden: request_queue_size (unless
+    *backlog* is given), decision_log_size, grace, spare_threads and
+    spare_thread_idle.
+    """
 
     # a thread per connection, which must not keep the process alive
     daemon_threads = True
-    # do not wait for connections in server_close() (Python 3.7+)
-    block_on_close = False
     allow_reuse_address = True
     # socketserver's default of 5 drops part of a burst of connections
-    request_queue_size = 2048
+    request_queue_size = DEFAULTS['backlog']
     # decisions kept in memory for GET /decisions
     decision_log_size = 10000
     # seconds a connection that is ending waits to deliver what it still
@@ -1626,10 +1657,11 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     spare_threads = 64
     spare_thread_idle = 60.0
 
-    def __init__(self, proxy=('127.0.0.1', 8000), backend=('127.0.0.1', 80),
-                 protocol='tcp', behavior='dummy', timeout=30.0,
-                 idle_timeout=None, backlog=None, seed=None,
-                 protocol_options=None, behavior_options=None, statsd=None):
+    def __init__(self, proxy=DEFAULTS['proxy'], backend=DEFAULTS['backend'],
+                 protocol=DEFAULTS['protocol'], behavior=DEFAULTS['behavior'],
+                 timeout=DEFAULTS['timeout'], idle_timeout=None, backlog=None,
+                 seed=None, protocol_options=None, behavior_options=None,
+                 statsd=None):
         # in-process proxies find the bundled plugins as the command line
         # does, without a load_plugins() call first
         _load_bundled_plugins()
@@ -1638,8 +1670,13 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         if isinstance(backend, str):
             backend = parse_address(backend, 'backend address')
         self.backend = tuple(backend)
-        self.timeout = timeout
-        self.idle_timeout = idle_timeout or None
+        # checked as the command line's are (timeout and idle_timeout 0 or
+        # None: no limit)
+        self.timeout = _SETTINGS['timeout'].convert(timeout, 'ProxyServer') \
+            or None
+        self.idle_timeout = _SETTINGS['idle_timeout'].convert(
+            idle_timeout, 'ProxyServer') or None
+        backlog = _SETTINGS['backlog'].convert(backlog, 'ProxyServer')
         self.seed = seed
         self.statsd = statsd or _Statsd()
         self.protocol_class = Protocol.get(protocol)
@@ -4106,8 +4143,8 @@ del _call
 class Client(_ControlMethods):
     """Talks to a proxy's control API (``--http``) over HTTP."""
 
-    def __init__(self, host='localhost', port=8080, scheme='http',
-                 token=None, timeout=10.0):
+    def __init__(self, host='localhost', port=DEFAULTS['http_port'],
+                 scheme='http', token=None, timeout=10.0):
         if scheme != 'http':
             raise VaurienError('the control API speaks plain http only')
         self.host = host
@@ -4238,10 +4275,13 @@ class ProxyProcess(int):
 _PROCESSES = {}
 
 
-def start_proxy(proxy_host='localhost', proxy_port=8000,
-                backend_host='localhost', backend_port=8888, protocol='tcp',
-                http=True, warmup=10, http_host='localhost', http_port=8080,
-                options=None, log_level='info', log_output='-'):
+def start_proxy(proxy_host='localhost',
+                proxy_port=parse_address(DEFAULTS['proxy'])[1],
+                backend_host='localhost', backend_port=8888,
+                protocol=DEFAULTS['protocol'], http=True, warmup=10,
+                http_host='localhost', http_port=DEFAULTS['http_port'],
+                options=None, log_level=DEFAULTS['log_level'],
+                log_output=DEFAULTS['log_output']):
     """Start vaurien.py in a new process and wait until it listens.
 
     Port 0 picks a free port; the result is the process id, with the real
@@ -4964,7 +5004,8 @@ def ctl_main(argv=None):
                        help='host of the control API, or its URL, e.g. '
                             'http://localhost:8080 (default localhost)')
     where.add_argument('--port', type=int, default=argparse.SUPPRESS,
-                       help='port of the control API (default 8080)')
+                       help='port of the control API (default %d)'
+                       % DEFAULTS['http_port'])
     where.add_argument('--token', default=argparse.SUPPRESS,
                        help='bearer token (--http-token of the proxy)')
     parser = _Parser(prog='vaurien ctl', allow_abbrev=False, parents=[where],
@@ -5048,7 +5089,7 @@ def _ctl_client(host, port, token):
         if port is None and url_port.isdigit():
             port = int(url_port)
     host = check_host(host.strip('[]'), 'control API host')
-    port = 8080 if port is None else port
+    port = DEFAULTS['http_port'] if port is None else port
     if not 1 <= port <= 65535:
         raise VaurienError('control API port %d: give one from 1 to '
                            '65535' % port)

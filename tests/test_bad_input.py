@@ -385,6 +385,14 @@ class CtlTest(unittest.TestCase):
 
 class SettingsTest(unittest.TestCase):
 
+    def test_in_process_proxies_check_their_settings_too(self):
+        for kwargs in ({'idle_timeout': float('inf')}, {'timeout': -1},
+                       {'timeout': float('nan')}, {'backlog': 0},
+                       {'backlog': 10 ** 12}):
+            with self.assertRaises(vaurien.VaurienError, msg=kwargs):
+                vaurien.ProxyServer(('127.0.0.1', 0), ('127.0.0.1', 1),
+                                    **kwargs)
+
     def test_numeric_settings_refuse_every_absurd_value(self):
         numeric = [setting for setting in vaurien.SETTINGS
                    if setting.type in (int, float)]
