@@ -552,8 +552,10 @@ def w_wrk(ctx, port, proxy, close):
     return res
 
 
-def _read_line(proc, prefixes, deadline, buf, log):
-    """Read lines from proc.stdout until one starts with a prefix."""
+def read_line(proc, prefixes, deadline, buf, log, what="hold.py"):
+    """Read lines from proc.stdout until one starts with a prefix and a
+    space: (prefix, the JSON after it).  BenchError, naming *what* (and
+    the last line of *log*), when *deadline* passes or proc ends first."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
@@ -566,12 +568,12 @@ def _read_line(proc, prefixes, deadline, buf, log):
                         return p, json.loads(text[len(p) + 1:])
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BenchError("hold.py: timeout%s" % log_tail(log, 1))
+                raise BenchError("%s: timeout%s" % (what, log_tail(log, 1)))
             if sel.select(timeout=min(left, 1.0)):
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
-                    raise BenchError("hold.py exited (status %s) early"
-                                     % proc.wait(timeout=5))
+                    raise BenchError("%s exited (status %s) early"
+                                     % (what, proc.wait(timeout=5)))
                 buf[0] += chunk
     finally:
         sel.close()
@@ -591,7 +593,7 @@ def w_hold(ctx, port, proxy):
     try:
         buf = [b""]
         deadline = time.monotonic() + timeout + 15
-        kind, info = _read_line(proc, ("HELD", "RESULT"), deadline, buf,
+        kind, info = read_line(proc, ("HELD", "RESULT"), deadline, buf,
                                 log)
         pss1 = None
         if kind == "HELD":
@@ -600,7 +602,7 @@ def w_hold(ctx, port, proxy):
             proc.stdin.write(b"go\n")
             proc.stdin.close()
             deadline = time.monotonic() + timeout + 15
-            kind, info = _read_line(proc, ("RESULT",), deadline, buf, log)
+            kind, info = read_line(proc, ("RESULT",), deadline, buf, log)
     finally:
         kill(proc)
     if not info.get("all_ok"):

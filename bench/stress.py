@@ -308,32 +308,6 @@ class ThreadServer(object):
         self._thread.join(2)
 
 
-def _read_tagged(proc, tag, deadline, buf):
-    """The JSON after the first stdout line of *proc* starting with *tag*
-    (a blaster's READY or DONE), read by the absolute *deadline*."""
-    poller = selectors.DefaultSelector()
-    poller.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        while True:
-            while b"\n" in buf[0]:
-                line, buf[0] = buf[0].split(b"\n", 1)
-                if line.startswith(tag + b" "):
-                    return json.loads(line[len(tag) + 1:].decode())
-            left = deadline - monotonic()
-            if left <= 0:
-                raise StressError("load generator: no %s line in time"
-                                  % tag.decode())
-            if poller.select(min(left, 1.0)):
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    raise StressError("load generator exited (status %s) "
-                                      "before %s" % (proc.wait(5),
-                                                     tag.decode()))
-                buf[0] += chunk
-    finally:
-        poller.close()
-
-
 class Blaster(object):
     """N connections that write (and read back, from an echo backend) as
     fast as they can, in a subprocess at nice 10 (this script's own
@@ -342,28 +316,30 @@ class Blaster(object):
 
     def __init__(self, ctx, address, connections, seconds):
         self.buf = [b""]
-        log = os.path.join(ctx.tmp, "blast-%d.log" % next(ctx.ids))
+        self.log = os.path.join(ctx.tmp, "blast-%d.log" % next(ctx.ids))
         self.proc = harness.spawn(
             [sys.executable, os.path.abspath(__file__), "--blast",
              "%s:%d" % address, "--connections", str(connections),
-             "--seconds", str(seconds)], log_path=log,
+             "--seconds", str(seconds)], log_path=self.log,
             stdout=subprocess.PIPE)
         self.seconds = seconds
         if ctx.spare:
             pin_tasks(self.proc.pid, ctx.spare)
 
     def ready(self, timeout=30):
-        return _read_tagged(self.proc, b"READY", monotonic() + timeout,
-                            self.buf)
+        return self._read("READY", timeout)
 
     def finish(self, timeout=10):
         """Stop it; what it moved ({sent, received, seconds, ...})."""
         try:
             self.proc.send_signal(signal.SIGTERM)
-            return _read_tagged(self.proc, b"DONE", monotonic() + timeout,
-                                self.buf)
+            return self._read("DONE", timeout)
         finally:
             self.stop()
+
+    def _read(self, tag, timeout):
+        return harness.read_line(self.proc, (tag,), monotonic() + timeout,
+                                 self.buf, self.log, "load generator")[1]
 
     def stop(self):
         harness.kill(self.proc)
@@ -584,7 +560,7 @@ def case_api_latency(ctx):
             if info["connected"] < cfg["api_streams"] or done["errors"]:
                 note = "streams: %d of %d connected, %d errors" % (
                     info["connected"], cfg["api_streams"], done["errors"])
-        except StressError as exc:
+        except (StressError, harness.BenchError) as exc:
             note = "streams: %s" % exc
         rows += _api_rows("%d streams" % cfg["api_streams"], results, rate,
                           note)
