@@ -148,8 +148,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def listening(port):
-    """True if some socket is in LISTEN state on `port` (any address)."""
+def tcp_sockets(port):
+    """The fields of the /proc/net/tcp{,6} lines of the sockets whose local
+    port is `port` (any address): [1] local, [2] remote address, [3] state
+    (0A: LISTEN), [9] inode."""
     want = ":%04X" % port
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -157,11 +159,15 @@ def listening(port):
                 next(f)
                 for line in f:
                     parts = line.split()
-                    if parts[3] == "0A" and parts[1].endswith(want):
-                        return True
+                    if parts[1].endswith(want):
+                        yield parts
         except OSError:
             continue
-    return False
+
+
+def listening(port):
+    """True if some socket is in LISTEN state on `port` (any address)."""
+    return any(parts[3] == "0A" for parts in tcp_sockets(port))
 
 
 def wait_listen(port, proc, timeout, what, log_path=None):
@@ -546,8 +552,10 @@ def w_wrk(ctx, port, proxy, close):
     return res
 
 
-def _read_line(proc, prefixes, deadline, buf, log):
-    """Read lines from proc.stdout until one starts with a prefix."""
+def read_line(proc, prefixes, deadline, buf, log, what="hold.py"):
+    """Read lines from proc.stdout until one starts with a prefix and a
+    space: (prefix, the JSON after it).  BenchError, naming *what* (and
+    the last line of *log*), when *deadline* passes or proc ends first."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
@@ -560,12 +568,12 @@ def _read_line(proc, prefixes, deadline, buf, log):
                         return p, json.loads(text[len(p) + 1:])
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BenchError("hold.py: timeout%s" % log_tail(log, 1))
+                raise BenchError("%s: timeout%s" % (what, log_tail(log, 1)))
             if sel.select(timeout=min(left, 1.0)):
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
-                    raise BenchError("hold.py exited (status %s) early"
-                                     % proc.wait(timeout=5))
+                    raise BenchError("%s exited (status %s) early"
+                                     % (what, proc.wait(timeout=5)))
                 buf[0] += chunk
     finally:
         sel.close()
@@ -585,7 +593,7 @@ def w_hold(ctx, port, proxy):
     try:
         buf = [b""]
         deadline = time.monotonic() + timeout + 15
-        kind, info = _read_line(proc, ("HELD", "RESULT"), deadline, buf,
+        kind, info = read_line(proc, ("HELD", "RESULT"), deadline, buf,
                                 log)
         pss1 = None
         if kind == "HELD":
@@ -594,7 +602,7 @@ def w_hold(ctx, port, proxy):
             proc.stdin.write(b"go\n")
             proc.stdin.close()
             deadline = time.monotonic() + timeout + 15
-            kind, info = _read_line(proc, ("RESULT",), deadline, buf, log)
+            kind, info = read_line(proc, ("RESULT",), deadline, buf, log)
     finally:
         kill(proc)
     if not info.get("all_ok"):
@@ -820,21 +828,25 @@ def median_of(runs, key):
     return statistics.median(vals) if vals else None
 
 
+def cpu_model():
+    """The first CPU's model name from /proc/cpuinfo, or "?"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
 def header_lines(ctx):
     def sh(cmd):
         try:
             return run(cmd, timeout=10)[1].strip()
         except (BenchError, OSError):
             return "?"
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -996,6 +1008,17 @@ def compare_arg(text):
     return name, os.path.abspath(path)
 
 
+def only(parser, text, names, what):
+    """The names of a comma-separated --only; an unknown one is a usage
+    error naming the known ones."""
+    wanted = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in names]
+    if bad:
+        parser.error("unknown %s(s) %s; choose from %s"
+                     % (what, ", ".join(bad), ", ".join(names)))
+    return wanted
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="vaurien benchmark harness (see bench/README.txt)",
@@ -1041,13 +1064,8 @@ def main(argv=None):
         else "python3 %s" % os.path.relpath(VAURIEN)
 
     names = [w.name for w in WORKLOADS]
-    wanted = names
-    if args.only:
-        wanted = [x.strip() for x in args.only.split(",") if x.strip()]
-        bad = [x for x in wanted if x not in names]
-        if bad:
-            parser.error("unknown workload(s) %s; choose from %s"
-                         % (", ".join(bad), ", ".join(names)))
+    wanted = only(parser, args.only, names, "workload") if args.only \
+        else names
 
     # fds: hold N through a proxy needs 2N sockets in the proxy, and more if
     # it uses pipes or wakeup fds per connection; children inherit this
