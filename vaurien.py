@@ -1469,9 +1469,308 @@ class Abort(Dummy):
         return not to_backend
 
 
+# Toxiproxy's toxics: the faults of its proxies, on the byte stream ########
+
+_LONGEST_MS = MAX_DELAY * 1000.0
+
+
+class Latency(Dummy):
+    """Delays each chunk by ``latency`` milliseconds, give or take
+    ``jitter``; chunks keep their order, and a delay does not cap the
+    throughput (delays are pipelined, chunk by chunk).
+
+    The delay ``d`` of each chunk, in milliseconds, with L = latency,
+    J = jitter, a = shape and u drawn uniformly in [0, 1):
+
+    - uniform: ``d = L + J * (2u - 1)``, uniform in [L - J, L + J]
+      (clamped at 0);
+    - normal: ``d = max(0, N(L, J))``, mean L and standard deviation J;
+    - pareto: ``d = L + J * ((1 - u) ** (-1 / a) - 1)`` (Lomax: a Pareto
+      tail shifted to start at L), never below L; its median is
+      ``L + J * (2 ** (1 / a) - 1)`` and, for a > 1, its mean
+      ``L + J / (a - 1)``.
+
+    A chunk is due at its arrival plus its own delay; a chunk drawn a
+    shorter delay than the one before it waits for it (order is kept).
+    """
+
+    name = 'latency'
+    options = {
+        'latency': ("Delay added to each chunk, in milliseconds", float,
+                    100.0, DELAY_MS),
+        'jitter': ("Spread of the delay, in milliseconds: the half-width "
+                   "(uniform), the standard deviation (normal) or the "
+                   "scale of the tail (pareto); 0 for none", float, 0.0,
+                   DELAY_MS),
+        'distribution': ("How the delay is drawn around latency", str,
+                         'uniform', ('uniform', 'normal', 'pareto')),
+        'shape': ("Tail index of the pareto distribution (no unit): "
+                  "smaller is a heavier tail; the mean is finite above 1",
+                  float, 2.0, Range(0.1, 1000)),
+    }
+
+    def delay(self, rng):
+        """One chunk's delay, in seconds."""
+        latency = self.option('latency')
+        jitter = self.option('jitter')
+        if not jitter:
+            return latency / 1000.0
+        distribution = self.option('distribution')
+        if distribution == 'normal':
+            value = rng.gauss(latency, jitter)
+        elif distribution == 'pareto':
+            shape = self.option('shape')
+            # 1 - u is in (0, 1]: never a division by zero
+            value = latency + jitter * (
+                math.pow(1.0 - rng.random(), -1.0 / shape) - 1.0)
+        else:
+            value = latency + jitter * (2.0 * rng.random() - 1.0)
+        # a tail draw may be years: no delay is longer than an hour
+        return min(max(0.0, value), _LONGEST_MS) / 1000.0
+
+    def on_chunk(self, flow, data, at):
+        return [(at + self.delay(flow.rng), data)]
+
+
+#: what a bandwidth piece carries at most: about this much time's worth
+#: of data...
+_SLOT = 0.01
+#: ...between these sizes, in bytes
+_MIN_PIECE = 1
+_MAX_PIECE = 65536
+#: seconds of credit a link keeps while it waits (a token bucket this deep):
+#: it makes up for a read the proxy made late (a busy machine, a garbage
+#: collection), never a lasting burst
+_CREDIT = 0.05
+
+
+class Bandwidth(Dummy):
+    """Passes the data at ``rate`` KB/s at most (1 KB = 1000 bytes, as
+    Toxiproxy), in each direction: per connection, or with ``shared``, one
+    budget per direction for all the connections of the proxy.
+
+    Data goes out in pieces of about 10 ms worth (1 byte to 64 KiB), each
+    when the link has carried it; a waiting link keeps up to 50 ms of
+    credit (a token bucket), which makes up for a read the proxy made
+    late.  A shared link serves chunks first come, first served.
+    """
+
+    name = 'bandwidth'
+    options = {
+        'rate': ("Rate in KB/s (1 KB = 1000 bytes; decimals allowed), in "
+                 "each direction", float, 100.0,
+                 Range(0.001, 10 ** 7, 'KB/s')),
+        'shared': ("One budget (per direction) for all the connections of "
+                   "the proxy, instead of one per connection", bool, False),
+    }
+
+    def __init__(self):
+        super(Bandwidth, self).__init__()
+        self._lock = threading.Lock()
+        # direction (to_backend) -> time the shared link is free again
+        self._free = {True: None, False: None}
+
+    def on_chunk(self, flow, data, at):
+        rate = self.option('rate') * 1000.0        # bytes per second
+        step = int(rate * _SLOT)
+        step = _MIN_PIECE if step < _MIN_PIECE else min(step, _MAX_PIECE)
+        size = len(data)
+        if self.option('shared'):
+            with self._lock:
+                free = self._free[flow.to_backend]
+                pieces, free = self._schedule(data, size, step, rate, at,
+                                              free)
+                self._free[flow.to_backend] = free
+        else:
+            pieces, free = self._schedule(data, size, step, rate, at,
+                                          flow.state.get('free'))
+            flow.state['free'] = free
+        return pieces
+
+    @staticmethod
+    def _schedule(data, size, step, rate, at, free):
+        """Pieces of at most *step* bytes, each due once the link has
+        carried it: absolute times, so that no rounding builds up.  *free*
+        is when the link is free again (None: a new link, no credit)."""
+        if free is None:
+            free = at
+        elif free < at - _CREDIT:
+            free = at - _CREDIT
+        pieces = []
+        for start in range(0, size, step):
+            piece = data[start:start + step] if size > step else data
+            free += len(piece) / rate
+            pieces.append((free, piece))
+        return pieces, free
+
+
+class SlowClose(Dummy):
+    """Delays passing on the end of a stream (a close or half-close) by
+    ``delay`` milliseconds; the data before it is not delayed."""
+
+    name = 'slow_close'
+    options = {
+        'delay': ("Time the end of the stream is held back, in "
+                  "milliseconds", float, 1000.0, DELAY_MS),
+    }
+
+    def on_end(self, flow, at):
+        return at + self.option('delay') / 1000.0
+
+
+class Timeout(Dummy):
+    """Swallows every byte (and the end of the stream) and closes the
+    connection ``timeout`` milliseconds after the first chunk it swallowed;
+    with 0, a black hole that holds the connection open forever."""
+
+    name = 'timeout'
+    options = {
+        'timeout': ("Time from the first swallowed chunk to the close, in "
+                    "milliseconds; 0 never closes (a black hole)", float,
+                    0.0, DELAY_MS),
+    }
+
+    def new_state(self):
+        return {'started': False}
+
+    def _start(self, flow, at):
+        timeout = self.option('timeout')
+        if timeout > 0:
+            # once per connection, whichever direction comes first
+            state = flow.connection.state_of(self)
+            if not state['started']:
+                state['started'] = True
+                flow.close(at + timeout / 1000.0)
+
+    def on_chunk(self, flow, data, at):
+        self._start(flow, at)
+        return []
+
+    def on_end(self, flow, at):
+        # nothing gets through, not even the end of the stream
+        self._start(flow, at)
+        return None
+
+
+class ResetPeer(Dummy):
+    """Resets the connection (a TCP RST: the client sees "connection reset
+    by peer") ``timeout`` milliseconds after its first chunk either way,
+    connections already open included; data before the reset passes."""
+
+    name = 'reset_peer'
+    options = {
+        'timeout': ("Time from the first chunk to the reset, in "
+                    "milliseconds; 0 resets at once", float, 0.0,
+                    DELAY_MS),
+    }
+
+    def new_state(self):
+        return {'started': False}
+
+    def _start(self, flow, at):
+        # once per connection, whichever direction comes first
+        state = flow.connection.state_of(self)
+        if not state['started']:
+            state['started'] = True
+            flow.close(at + self.option('timeout') / 1000.0, reset=True)
+
+    def on_chunk(self, flow, data, at):
+        self._start(flow, at)
+        return [(at, data)]
+
+    def on_end(self, flow, at):
+        # an end of stream counts as a first chunk, as in Toxiproxy
+        self._start(flow, at)
+        return at
+
+
+class Slicer(Dummy):
+    """Cuts the data into slices of ``average_size`` bytes, give or take
+    ``size_variation`` (uniformly), each written ``delay`` microseconds
+    after the one before.
+
+    Where a slice ends does not depend on how the proxy happened to cut
+    the stream in chunks: a slice that a chunk ends in goes on in the next
+    chunk (its second part goes out as soon as it comes, with no delay).
+    Sizes are drawn from the connection's generator (--seed).
+    """
+
+    name = 'slicer'
+    options = {
+        'average_size': ("Average size of a slice, in bytes", int, 64,
+                         Range(1, 1 << 24, 'bytes')),
+        'size_variation': ("Slice sizes vary by up to this many bytes either "
+                           "way (less than average_size)", int, 32,
+                           Range(0, (1 << 24) - 1, 'bytes')),
+        'delay': ("Time between two slices, in microseconds", float, 1000.0,
+                  Range(0, MAX_DELAY * 10 ** 6,
+                                'microseconds')),
+    }
+
+    @staticmethod
+    def check_options(values):
+        average = values['average_size']
+        if values['size_variation'] >= average:
+            raise ValueError("option 'size_variation' must be less than "
+                             "average_size (%d), not %r"
+                             % (average, values['size_variation']))
+
+    def on_chunk(self, flow, data, at):
+        average = self.option('average_size')
+        variation = self.option('size_variation')
+        delay = self.option('delay') / 1e6
+        rng = flow.rng
+        state = flow.state
+        left = state.get('left', 0)     # bytes left of the current slice
+        last = state.get('when')        # when its last piece went
+        pieces = []
+        size = len(data)
+        start = 0
+        while start < size:
+            if left:
+                # the rest of a slice the previous chunk ended in
+                when = at if last is None else max(at, last)
+            else:
+                left = rng.randint(average - variation, average + variation)
+                when = at if last is None else max(at, last + delay)
+            end = min(size, start + left)
+            pieces.append((when, data[start:end]))
+            left -= end - start
+            start = end
+            last = when
+        state['left'] = left
+        state['when'] = last
+        return pieces
+
+
+class LimitData(Dummy):
+    """Passes the first ``bytes`` bytes of a stream (each direction counts
+    its own), then closes the connection."""
+
+    name = 'limit_data'
+    options = {
+        'bytes': ("Bytes passed in each direction before the connection "
+                  "is closed", int, 1024, Range(1, 10 ** 12, 'bytes')),
+    }
+
+    def on_chunk(self, flow, data, at):
+        state = flow.state
+        passed = state.get('passed', 0)
+        room = self.option('bytes') - passed
+        if room <= 0:
+            return []
+        if len(data) > room:
+            data = data[:room]
+        state['passed'] = passed + len(data)
+        if len(data) == room:
+            flow.close(at)
+        return [(at, data)]
+
+
 Behavior.base = Dummy
 Behavior.hooks = _HOOKS + _STREAM_HOOKS + _OTHER_HOOKS
-for _cls in (Dummy, Delay, Error, Transient, Hang, Blackout, Abort):
+for _cls in (Dummy, Delay, Error, Transient, Hang, Blackout, Abort, Latency,
+             Bandwidth, SlowClose, Timeout, ResetPeer, Slicer, LimitData):
     Behavior.register(_cls)
 del _cls
 
