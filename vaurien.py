@@ -472,7 +472,7 @@ def loops_back(listen, backend):
 
 def check_not_self(server, backend, what='backend'):
     """VaurienError when *backend* is *server*'s own listening address."""
-    if loops_back(server.server_address, backend):
+    if backend is not None and loops_back(server.server_address, backend):
         raise VaurienError('%s %s is this proxy itself (it listens on %s): '
                            'it would connect to itself without end; give '
                            "the real service's address" % (
@@ -666,6 +666,8 @@ SETTINGS = [
 _SETTINGS = collections.OrderedDict((s.name, s) for s in SETTINGS)
 #: The default of each core setting.
 DEFAULTS = collections.OrderedDict((s.name, s.default) for s in SETTINGS)
+#: The name of the proxy that the command line and [vaurien] set up.
+DEFAULT_PROXY = 'vaurien'
 
 
 def check_settings(settings, where='settings'):
@@ -1880,6 +1882,265 @@ def parse_mix(text):
     return list(shares.items())
 
 
+# Toxics: behaviors on one stream of a named proxy #######################
+
+#: Toxiproxy's toxic types: the Go struct its server decodes each into (its
+#: error messages name it), and its attributes in order, listed zero-filled
+#: as Toxiproxy lists them.  Every other behavior is a toxic type too, its
+#: options its attributes.
+TOXIPROXY_TYPES = {
+    'latency': ('LatencyToxic', ('latency', 'jitter')),
+    'bandwidth': ('BandwidthToxic', ('rate',)),
+    'slow_close': ('SlowCloseToxic', ('delay',)),
+    'timeout': ('TimeoutToxic', ('timeout',)),
+    'reset_peer': ('ResetToxic', ('timeout',)),
+    'slicer': ('SlicerToxic', ('average_size', 'size_variation', 'delay')),
+    'limit_data': ('LimitDataToxic', ('bytes',)),
+    'noop': ('NoopToxic', ()),
+}
+
+
+class ToxicError(VaurienError):
+    """A toxic refused, in Toxiproxy's words: *status* is its HTTP
+    status."""
+
+    def __init__(self, message, status=400, field=None):
+        VaurienError.__init__(self, message, field)
+        self.status = status
+
+
+class Toxic(object):
+    """A behavior on one stream of a named proxy, as Toxiproxy has them:
+    its name, its type (the behavior's name, or noop), its stream (as
+    given: "UpStream" stays), its toxicity (the chance it acts on a
+    connection's stream, drawn once per connection and stream) and its
+    attributes (the behavior's options).
+
+    Toxics of socket hooks (error, delay, abort...) act on requests, as
+    behaviors do, whatever their stream says."""
+
+    def __init__(self, name, type_, stream, toxicity, behavior, attributes):
+        self.name = name
+        self.type = type_
+        self.stream = stream
+        self.upstream = stream.lower() == 'upstream'
+        self.toxicity = toxicity
+        self.behavior = behavior
+        #: the attributes given, by name (the others take their defaults)
+        self.attributes = attributes
+        #: bumped on each update: connections draw the toxicity again
+        self.version = 0
+
+    def listed_attributes(self):
+        """The attributes, as GET lists them: Toxiproxy's types their
+        fields, zero-filled, in order (and any other option set); every
+        other type its own options in force."""
+        values = _options_in_force(self.behavior)
+        fields = TOXIPROXY_TYPES.get(self.type)
+        if fields is not None:
+            names = list(fields[1]) + sorted(
+                name for name in self.attributes if name not in fields[1])
+        else:
+            names = sorted(type(self.behavior).options)
+        return dict((name, _json_number(values.get(name, 0)))
+                    for name in names)
+
+    def to_json(self):
+        return {'attributes': self.listed_attributes(), 'name': self.name,
+                'type': self.type, 'stream': self.stream,
+                'toxicity': _float32(self.toxicity)}
+
+
+def _json_number(value):
+    """A whole float as an int (Toxiproxy's attributes are integers)."""
+    if isinstance(value, float) and value == int(value) and \
+            abs(value) < 1 << 53:
+        return int(value)
+    return value
+
+
+def _float32(value):
+    """*value* as Go prints a float32: its shortest form (0.1, not
+    0.10000000149), a whole one without a point."""
+    single = struct.unpack('f', struct.pack('f', value))[0]
+    for digits in range(1, 10):
+        text = '%.*g' % (digits, single)
+        if struct.unpack('f', struct.pack('f', float(text)))[0] == single:
+            break
+    number = float(text)
+    return int(number) if number == int(number) else number
+
+
+class Toxics(object):
+    """The toxics of one proxy, in Toxiproxy's order: those of the upstream
+    stream first, then the downstream ones, each in the order added.  A
+    change bumps ``generation``: an open connection sees it at its next
+    chunk (see Connection.refresh_toxics), without waiting for it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._toxics = []
+        self.generation = 0
+        self._chains = {True: (), False: ()}
+
+    def __len__(self):
+        return len(self._toxics)
+
+    def listed(self):
+        """Every toxic, upstream ones first."""
+        return list(self._chains[True] + self._chains[False])
+
+    def chain(self, upstream):
+        """The toxics of one stream, in order (a tuple: safe to read from
+        a connection's thread while the API changes them)."""
+        return self._chains[upstream]
+
+    def get(self, name):
+        for toxic in self._toxics:
+            if toxic.name == name:
+                return toxic
+        return None
+
+    def add(self, toxic):
+        with self._lock:
+            if self.get(toxic.name) is not None:
+                raise ToxicError('toxic already exists', 409)
+            self._toxics.append(toxic)
+            self._changed()
+
+    def changed(self, toxic):
+        """*toxic* was updated: connections draw its toxicity again."""
+        with self._lock:
+            toxic.version += 1
+            self._changed()
+
+    def remove(self, name):
+        with self._lock:
+            toxic = self.get(name)
+            if toxic is None:
+                raise ToxicError('toxic not found', 404)
+            self._toxics.remove(toxic)
+            self._changed()
+        return toxic
+
+    def clear(self):
+        with self._lock:
+            self._toxics = []
+            self._changed()
+
+    def _changed(self):
+        self._chains = dict(
+            (upstream, tuple(toxic for toxic in self._toxics
+                             if toxic.upstream == upstream))
+            for upstream in (True, False))
+        self.generation += 1
+
+
+def make_toxic(server, data, toxics=None, old=None):
+    """A Toxic for *server* (a ProxyServer) from Toxiproxy's JSON object
+    *data*, checked in Toxiproxy's order: the fields' JSON types, the
+    stream, the type, the name's uniqueness in *toxics*, the attributes.
+    With *old*, an update: the attributes merge into *old*'s, a missing
+    toxicity keeps its, and name, type and stream stay."""
+    for key, go_type in (('name', 'string'), ('type', 'string'),
+                         ('stream', 'string'), ('toxicity', 'float32')):
+        _go_field(data.get(key), (int, float) if go_type == 'float32'
+                  else str, 'ToxicWrapper.' + key, go_type)
+    if old is None:
+        stream = data.get('stream') or 'downstream'
+        if stream.lower() not in ('upstream', 'downstream'):
+            raise ToxicError('stream was invalid, can be either upstream or '
+                             'downstream', field='stream')
+        type_ = data.get('type')
+        if type_ != 'noop' and type_ not in Behavior:
+            raise ToxicError('invalid toxic type', field='type')
+        name = data.get('name') or '%s_%s' % (type_, stream)
+        if toxics is not None and toxics.get(name) is not None:
+            raise ToxicError('toxic already exists', 409)
+        attributes = {}
+        toxicity = 1.0
+    else:
+        stream, type_, name = old.stream, old.type, old.name
+        attributes = dict(old.attributes)
+        toxicity = old.toxicity
+    if data.get('toxicity') is not None:
+        toxicity = data['toxicity']
+        if not 0 <= toxicity <= 1:
+            raise ToxicError('toxicity must be from 0 to 1 (the chance a '
+                             'connection meets the toxic), not %r'
+                             % (toxicity,), field='toxicity')
+    given = data.get('attributes') or {}
+    fields = TOXIPROXY_TYPES.get(type_)
+    struct_name = fields[0] if fields else _go_struct(type_)
+    if not isinstance(given, dict):
+        raise ToxicError('bad request body: json: cannot unmarshal %s into '
+                         'Go struct field .attributes of type toxics.%s'
+                         % (_go_kind(given), struct_name), field='attributes')
+    for key, value in given.items():
+        if fields is not None and key in fields[1]:
+            _go_field(value, (int, float), '%s.attributes.%s'
+                      % (struct_name, key), 'int64')
+    attributes.update(given)
+    if fields is not None:
+        # Toxiproxy's defaults: every field it lists is 0 unless given
+        options = dict((key, 0) for key in fields[1])
+        options.update(attributes)
+    else:
+        options = dict(attributes)
+    if type_ == 'noop':
+        behavior = server.dummy
+    else:
+        cls = Behavior.get(type_)
+        wanted = stream.lower()
+        # request behaviors act on the request, whatever the stream says
+        options['direction'] = wanted if wanted in cls.directions \
+            else 'both'
+        try:
+            behavior, _ = server.make_behavior(type_, options)
+            check_for_protocol(server.protocol_class, behavior)
+        except VaurienError as exc:
+            raise ToxicError(str(exc), field=exc.field or 'attributes')
+        if old is not None:
+            # the same instance: what its connections keep (a flow's
+            # state, a bandwidth's schedule) goes on
+            old.behavior.update_settings(behavior.settings)
+            behavior = old.behavior
+    return Toxic(name, type_, stream, float(toxicity), behavior, attributes)
+
+
+def _go_struct(type_):
+    return ''.join(word.capitalize() for word in type_.split('_')) + 'Toxic'
+
+
+def _go_kind(value):
+    """What Go's encoding/json calls a JSON value in its errors."""
+    if isinstance(value, bool):
+        return 'bool'
+    if isinstance(value, (int, float)):
+        return 'number'
+    if isinstance(value, str):
+        return 'string'
+    if isinstance(value, list):
+        return 'array'
+    if isinstance(value, dict):
+        return 'object'
+    return 'null'
+
+
+def _go_field(value, types, where, go_type):
+    """Refuse a JSON value of the wrong type, in Go's words (a missing one,
+    None, is no error)."""
+    if value is None:
+        return
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, types) and (bool in types or
+                                     not isinstance(value, bool)):
+        return
+    raise ToxicError('bad request body: json: cannot unmarshal %s into Go '
+                     'struct field %s of type %s'
+                     % (_go_kind(value), where, go_type))
+
+
 # The engine: the server ##################################################
 
 class _Statsd(object):
@@ -1960,7 +2221,7 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                  protocol=DEFAULTS['protocol'], behavior=DEFAULTS['behavior'],
                  timeout=DEFAULTS['timeout'], idle_timeout=None, backlog=None,
                  seed=None, protocol_options=None, behavior_options=None,
-                 statsd=None):
+                 statsd=None, name=None, listen=True, upstream=None):
         # in-process proxies find the bundled plugins as the command line
         # does, without a load_plugins() call first
         _load_bundled_plugins()
@@ -1968,7 +2229,21 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             proxy = parse_address(proxy, 'proxy address', allow_zero=True)
         if isinstance(backend, str):
             backend = parse_address(backend, 'backend address')
-        self.backend = tuple(backend)
+        #: where connections go: (host, port), or None when the upstream
+        #: given is no address (Toxiproxy takes any: its clients then get
+        #: closed)
+        self.backend = tuple(backend) if backend is not None else None
+        #: the upstream as given (Toxiproxy's, stored verbatim)
+        self.upstream_given = upstream
+        #: its name among the process's proxies (see Proxies)
+        self.name = name or DEFAULT_PROXY
+        #: False once disabled (Toxiproxy's enabled): no listener then
+        self.enabled = bool(listen)
+        self.thread = None
+        self.decision_count = 0
+        self.toxic_counts = collections.Counter()
+        #: its toxics, Toxiproxy's way (see Toxics)
+        self.toxics = Toxics()
         # checked as the command line's are (timeout and idle_timeout 0 or
         # None: no limit)
         self.timeout = _SETTINGS['timeout'].convert(timeout, 'ProxyServer') \
@@ -2013,8 +2288,19 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._listen_lock = threading.Lock()
         self._spares = []       # [_Spare] waiting for a connection
         self._spares_lock = threading.Lock()
-        socketserver.ThreadingTCPServer.__init__(self, tuple(proxy)[:2],
-                                                 ProxyHandler)
+        socketserver.ThreadingTCPServer.__init__(
+            self, tuple(proxy)[:2], ProxyHandler, bind_and_activate=False)
+        self._listen_shown = format_address(proxy)
+        if listen:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.socket.close()
+                raise
+        else:
+            self.socket.close()
+            self.socket = None
         self._live = True
         self._activate()
 
@@ -2085,6 +2371,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         sock.settimeout(None)
         return sock
 
+    def proxy_settings(self):
+        """What other proxies of this process take from this one (the
+        keywords of ProxyServer): seed, statsd, timeouts."""
+        return {'seed': self.seed, 'statsd': self.statsd,
+                'timeout': self.timeout, 'idle_timeout': self.idle_timeout}
+
     def make_protocol(self):
         return self.protocol_class(self.protocol_settings, self)
 
@@ -2096,17 +2388,22 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             self.totals['connections'] += 1
             self.totals['bytes_up'] += conn.bytes_up
             self.totals['bytes_down'] += conn.bytes_down
+            self.totals['sent_down'] += conn.client.sent
+            if conn.backend is not None:
+                self.totals['sent_up'] += conn.backend.sent
             if conn.backend is None:
                 self.totals['backend_errors'] += 1
             self._closed_exchanges.update(conn.met())
 
-    def decide(self, conn, number, behavior, request=None):
+    def decide(self, conn, number, behavior, request=None, toxic=None):
         """Log a non-dummy decision in one short line, and keep it, with
-        every option in force, for GET /decisions."""
+        every option in force, for GET /decisions.  A *toxic* is decided
+        once per connection: from exchange *number* on, it acts."""
         direction, options = _decision_fields(behavior)
         record = {
             'id': next(self._decision_ids),
             'time': time.time(),      # rounded when read: round() is slow
+            'proxy': self.name,
             'connection': conn.id,
             'client': conn.client_text,
             'exchange': number,
@@ -2114,11 +2411,17 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             'direction': direction,
             'behavior': behavior.name,
             'options': options}
+        if toxic is not None:
+            record['toxic'] = toxic.name
+            record['stream'] = toxic.stream
+            self.toxic_counts[toxic.name] += 1
+        self.decision_count += 1
         self.decisions.append(record)
         if logger.isEnabledFor(logging.INFO):
             logger.info('decision %d: connection %d exchange %d: %s%s',
                         record['id'], conn.id, number, behavior.name,
-                        ' on %s' % request if request else '')
+                        ' (toxic %s)' % toxic.name if toxic is not None
+                        else ' on %s' % request if request else '')
 
     @property
     def exchange_counts(self):
@@ -2230,17 +2533,97 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                     format_address(self.address))
 
     def go_up(self):
-        """Listen again, on the same address, after ``go_down``."""
+        """Listen again, on the same address, after ``go_down`` (unless
+        the proxy is disabled)."""
         with self._listen_lock:
-            if self.socket is not None or self.closing:
+            if self.socket is not None or self.closing or not self.enabled:
                 return
-            listener = socket.socket(self.address_family, self.socket_type)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(self.server_address)
-            listener.listen(self.request_queue_size)
+            family = socket.AF_INET6 if ':' in self.server_address[0] \
+                else socket.AF_INET
+            listener = socket.socket(family, self.socket_type)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
+                                    1)
+                _dual_stack(listener, self.server_address)
+                listener.bind(self.server_address)
+                listener.listen(self.request_queue_size)
+            except BaseException:
+                listener.close()
+                raise
+            self.server_address = listener.getsockname()
+            self._listen_shown = format_address(self.address)
             self.socket = listener
         logger.info('up: accepting connections on %s',
                     format_address(self.address))
+
+    def server_bind(self):
+        """Replaces the base method: ``::`` takes IPv4 clients too (as Go
+        listens), and the address it got is what Toxiproxy shows."""
+        _dual_stack(self.socket, self.server_address)
+        socketserver.ThreadingTCPServer.server_bind(self)
+        self._listen_shown = format_address(self.address)
+
+    # a named proxy's life (see Proxies)
+
+    @property
+    def listen(self):
+        """Where it listens; disabled, where it last listened (as given,
+        if it never did)."""
+        if self.socket is not None:
+            return format_address(self.address)
+        return self._listen_shown
+
+    @property
+    def upstream(self):
+        if self.upstream_given is not None:
+            return self.upstream_given
+        return format_address(self.backend)
+
+    def set_upstream(self, text):
+        """New connections go to *text* (Toxiproxy's upstream: anything;
+        one that is no address closes its clients)."""
+        self.upstream_given = text
+        try:
+            self.backend = parse_address(text, 'upstream')
+        except VaurienError:
+            self.backend = None
+
+    def enable(self):
+        self.enabled = True
+        self.go_up()
+
+    def disable(self):
+        self.enabled = False
+        self.go_down()
+
+    def disable_connections(self):
+        for conn in list(self.connections.values()):
+            conn.abort()
+
+    def stop(self):
+        """For good: stop accepting, close every connection."""
+        self.shutdown()
+        self.close_all()
+
+    def byte_counts(self):
+        """``{('received' or 'sent', 'upstream' or 'downstream'): bytes}``
+        since the start, open connections' included (Toxiproxy's
+        directions: upstream is from the clients to the upstream)."""
+        with self._stats_lock:
+            totals = dict(self.totals)
+            open_now = list(self.connections.values())
+        counts = {
+            ('received', 'upstream'): totals.get('bytes_up', 0),
+            ('received', 'downstream'): totals.get('bytes_down', 0),
+            ('sent', 'upstream'): totals.get('sent_up', 0),
+            ('sent', 'downstream'): totals.get('sent_down', 0)}
+        for conn in open_now:
+            counts['received', 'upstream'] += conn.bytes_up
+            counts['received', 'downstream'] += conn.bytes_down
+            if conn.backend is not None:
+                counts['sent', 'upstream'] += conn.backend.sent
+            counts['sent', 'downstream'] += conn.client.sent
+        return counts
 
     def fileno(self):
         listener = self.socket
@@ -2270,6 +2653,15 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def address(self):
         """The address really listened on (``port 0`` resolved)."""
         return self.server_address[:2]
+
+
+def _dual_stack(sock, address):
+    """A socket to listen on ``::`` takes IPv4 clients too."""
+    if address[0] == '::' and hasattr(socket, 'IPV6_V6ONLY'):
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:
+            pass
 
 
 def _stop_listening(listener):
@@ -2340,6 +2732,11 @@ class Connection(object):
         # a dummy exchange keeps nothing: one serves them all
         self.plain = self.exchange = Exchange(self, 0, 'dummy', server.dummy)
         self.picker = Picker(self)
+        #: ``{to_backend: (hooks, streams)}`` of the proxy's toxics acting
+        #: on this connection; None: none does
+        self.toxic_plan = None
+        self._toxics_seen = 0           # the toxics' generation last seen
+        self._draws = {}                # toxic -> (its version, it acts)
         self.protocol = None
         self._plain_tcp = False
         self._rng = None
@@ -2392,6 +2789,44 @@ class Connection(object):
             state = self._states[behavior] = behavior.new_state()
             return state
 
+    def refresh_toxics(self, toxics):
+        """Which of the proxy's *toxics* act on this connection, each way:
+        each drawn once per connection (its toxicity), when the link starts
+        or the toxic appears, and again only when that toxic is updated."""
+        self._toxics_seen = toxics.generation
+        draws, self._draws = self._draws, {}
+        chosen = []
+        for toxic in toxics.listed():
+            known = draws.get(toxic)
+            if known is not None and known[0] == toxic.version:
+                acts = known[1]
+            else:
+                acts = self._draw(toxic)
+            self._draws[toxic] = (toxic.version, acts)
+            if acts and not toxic.behavior.passive:
+                chosen.append(toxic.behavior)
+        if not chosen:
+            self.toxic_plan = None
+            return
+        self.toxic_plan = _plan(chosen)
+
+    def _draw(self, toxic):
+        toxicity = toxic.toxicity
+        if toxicity >= 1:
+            acts = True
+        elif toxicity <= 0:
+            acts = False
+        else:
+            seed = self.server.seed
+            rng = self.rng if seed is None else random.Random(
+                '%s:%d:%s:%s:%d' % (seed, self.id, toxic.name,
+                                    toxic.stream.lower(), toxic.version))
+            acts = rng.random() < toxicity
+        if acts and not toxic.behavior.passive:
+            self.server.decide(self, self.exchanges, toxic.behavior,
+                               toxic=toxic)
+        return acts
+
     def flow(self, behavior, to_backend):
         """*behavior*'s Flow for one direction of this connection."""
         key = (id(behavior), to_backend)
@@ -2414,8 +2849,10 @@ class Connection(object):
     # the life of the connection
 
     def describe(self):
-        return '%d %s -> %s' % (self.id, format_address(self.client_address),
-                                format_address(self.backend_address))
+        return '%d %s -> %s' % (
+            self.id, format_address(self.client_address),
+            format_address(self.backend_address) if self.backend_address
+            else self.server.upstream)
 
     def run(self):
         server = self.server
@@ -2423,6 +2860,12 @@ class Connection(object):
             for behavior in self.picker.openers():
                 server.decide(self, 0, behavior)
                 behavior.on_open(self)
+        if self.backend_address is None:
+            logger.warning('connection %s: the upstream %r is no HOST:PORT: '
+                           'closing the client', self.describe(),
+                           server.upstream)
+            server.statsd.incr('backend_errors')
+            return
         try:
             backend = server.connect_backend(self.backend_address)
         except OSError as exc:
@@ -2439,6 +2882,7 @@ class Connection(object):
             if not behavior.passive and behavior.scope == 'connection':
                 self.exchange = Exchange(self, 0, name, behavior)
                 server.decide(self, 0, behavior)
+        self.refresh_toxics(server.toxics)      # the links start
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
         self._plain_tcp = type(protocol)._handle is TCP._handle
@@ -2512,6 +2956,9 @@ class Connection(object):
             duplex.source = duplex.granted = None
 
     def _dispatch(self, protocol, source, dest, to_backend):
+        toxics = self.server.toxics
+        if toxics.generation != self._toxics_seen:
+            self.refresh_toxics(toxics)     # from this chunk on
         if protocol.frames:
             # it starts an exchange per request, and runs them itself
             return protocol._handle(source, dest, to_backend)
@@ -2524,7 +2971,8 @@ class Connection(object):
                                      hooks=False)
         else:
             exchange = self.start_exchange()
-        if exchange is self.plain and self._plain_tcp:
+        if exchange is self.plain and self._plain_tcp and \
+                self.toxic_plan is None:
             # the fast path: plain tcp under dummy, straight through
             data = source.recv(protocol._bufsize)
             if not data:
@@ -2613,14 +3061,25 @@ class Exchange(object):
         self.plan = behavior.plan or _plan(getattr(behavior, 'parts',
                                                    [behavior]))
 
+    def parts(self, to_backend):
+        """``(socket hook behaviors, stream behaviors)`` acting on data
+        going this way: the exchange's own, then the proxy's toxics that
+        act on this connection (see Connection.refresh_toxics)."""
+        own = self.plan[to_backend]
+        toxics = self.connection.toxic_plan
+        if toxics is None:
+            return own
+        more = toxics[to_backend]
+        return own[0] + more[0], own[1] + more[1]
+
     def hooks_act(self, to_backend):
         """Whether socket hooks act on data going this way."""
-        return bool(self.plan[to_backend][0])
+        return bool(self.parts(to_backend)[0])
 
     def outlet(self, dest, to_backend):
         """*dest*, or an Outlet in front of it when stream behaviors act on
         what goes this way."""
-        streams = self.plan[to_backend][1]
+        streams = self.parts(to_backend)[1]
         if not streams:
             return dest
         flow = self.connection.flow
@@ -2632,7 +3091,7 @@ class Exchange(object):
         the hooks before, its ``_handle``, the hooks after.  False: close
         the connection."""
         dest = self.outlet(dest, to_backend)
-        if not hooks or not self.plan[to_backend][0]:
+        if not hooks or not self.parts(to_backend)[0]:
             return protocol._handle(source, dest, to_backend)
         verdict = self.before(protocol, source, dest, to_backend)
         if verdict is False:
@@ -2659,7 +3118,7 @@ class Exchange(object):
                           to_backend) is not False
 
     def _each(self, hook, protocol, source, dest, to_backend):
-        parts = self.plan[to_backend][0]
+        parts = self.parts(to_backend)[0]
         if not parts:
             return True
         conn = self.connection
@@ -2904,6 +3363,7 @@ class Side(object):
         self.lost = False               # a write failed, or it was reset
         self.density = 0.0              # pieces per byte stream behaviors cut
         self.reads = 0                  # recv calls: a poll's news goes stale
+        self.sent = 0                   # bytes the kernel took
 
     @property
     def side(self):
@@ -2962,12 +3422,14 @@ class Side(object):
         """What the kernel takes of *data* now: a count, or None when the
         socket is gone (see Connection.lose)."""
         try:
-            return self.sock.send(data, _DONTWAIT)
+            sent = self.sock.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as exc:
             self.duplex.lose(self, exc)
             return None
+        self.sent += sent
+        return sent
 
     def end_mark(self):
         return _RESET if self.peer.lost else _END
@@ -3629,16 +4091,24 @@ CALLS = [
 ]
 
 
+class _NoSuchProxy(VaurienError):
+    """A ?proxy= that names none: a 404."""
+
+
 class Controller(object):
-    """What the control API can do to one proxy, as a table of routes:
+    """What the control API can do to a proxy, as a table of routes:
     ``call(method, path, body)`` -> ``(status, answer)``.  The HTTP front
     end and the in-process helper share it, so both check the same way.
+
+    It serves *server*, or, with *proxies* (a Proxies collection), the
+    proxy that ``?proxy=NAME`` names, the default one without it.
     """
 
-    def __init__(self, server):
-        self.server = server
-        # every API thread calls this one Controller at once: the query of
-        # the request a thread is answering is that thread's own
+    def __init__(self, server=None, proxies=None):
+        self._server = server
+        self.proxies = proxies
+        # every API thread calls this one Controller at once: the query
+        # and the proxy of the request a thread answers are its own
         self._request = threading.local()
         self.routes = {}
         for call in CALLS:
@@ -3654,6 +4124,31 @@ class Controller(object):
         """The query of the request being answered (in this thread), as
         a dict: the last value of each key."""
         return getattr(self._request, 'query', {})
+
+    @property
+    def server(self):
+        """The proxy the request being answered (in this thread) is for:
+        VaurienError (404) when it names none."""
+        name = self.query.get('proxy')
+        if self.proxies is None and not name:
+            return self._server
+        return self._proxy(name)
+
+    def _proxy(self, name):
+        if self.proxies is None:
+            if name and name != self._server.name:
+                raise _NoSuchProxy('no proxy named %r here (this one is %r)'
+                                   % (name[:100], self._server.name), 'proxy')
+            return self._server
+        name = name or self.proxies.default
+        if name is None:
+            raise _NoSuchProxy('which proxy? give ?proxy=NAME (proxies: %s)'
+                               % ', '.join(self.proxies.names()), 'proxy')
+        try:
+            return self.proxies.get(name)
+        except ToxicError:
+            raise _NoSuchProxy('no proxy named %r (proxies: %s)' % (
+                name[:100], ', '.join(self.proxies.names())), 'proxy')
 
     def call(self, method, path, body=b''):
         path, _, query = path.partition('?')
@@ -3683,6 +4178,8 @@ class Controller(object):
             args = ()
         try:
             return 200, handler(*args)
+        except _NoSuchProxy as exc:
+            return 404, _error('url', 'proxy', str(exc))
         except VaurienError as exc:
             return 400, _error('body', exc.field or '', str(exc))
 
@@ -3746,7 +4243,7 @@ class Controller(object):
         return {'behaviors': Behavior.names()}
 
     def get_backend(self):
-        return {'backend': format_address(self.server.backend)}
+        return {'backend': self.server.upstream}
 
     def set_backend(self, data):
         backend = data.get('backend')
@@ -3759,8 +4256,9 @@ class Controller(object):
             raise VaurienError(str(exc), 'backend')
         check_not_self(self.server, address)
         self.server.backend = address
+        self.server.upstream_given = backend
         logger.info('backend changed to %s (for new connections)',
-                    format_address(self.server.backend))
+                    self.server.upstream)
         return {'status': 'ok'}
 
     def connections(self):
@@ -3815,7 +4313,7 @@ class Controller(object):
 
     def health(self):
         return {'status': 'ok', 'proxy': format_address(self.server.address),
-                'backend': format_address(self.server.backend)}
+                'backend': self.server.upstream}
 
 
 def _error(location, name, description):
@@ -4032,13 +4530,40 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         connection ended before one."""
         if not self._read_head():
             return None
+        server = self.server
+        toxiproxy = server.toxiproxy
+        if toxiproxy is not None and server.serves_toxiproxy(self.path):
+            return self._toxiproxy_call(toxiproxy)
         refusal = self._refusal()
         if refusal is not None:
             self.close_connection = True
             return refusal
         body = self._read_body()
         method = 'GET' if self.command == 'HEAD' else self.command
-        return self.server.controller.call(method, self.path, body)
+        return server.controller.call(method, self.path, body)
+
+    def _toxiproxy_call(self, api):
+        """A request of Toxiproxy's API: refused in its words, or
+        answered by it (a _Reply)."""
+        found = api.route(self.command, self.path)
+        if isinstance(found, _Reply):       # no such route: no refusal
+            self.close_connection = True
+            return found.status, found
+        refusal = self._refusal()
+        if refusal is not None:
+            self.close_connection = True
+            status, answer = refusal
+            if status == 403 and answer['errors'][0]['name'] == 'Origin':
+                reply = _Reply(403, b'User agent not allowed\n', [
+                    ('Content-Type', 'text/plain; charset=utf-8'),
+                    ('X-Content-Type-Options', 'nosniff')])
+            else:
+                reply = api.error(status,
+                                  answer['errors'][0]['description'])
+            return reply.status, reply
+        reply = api.call(self.command, self.path, self._read_body())
+        reply.headers.append(('X-Toxiproxy-Request-Id', _request_id()))
+        return reply.status, reply
 
     def _read_head(self):
         """Read and check the request line and headers; False when the
@@ -4233,8 +4758,10 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         self._send(code, _error('request', '', description))
 
     def _send(self, status, answer):
-        """Send *answer* as JSON, all in one write (HEAD: its headers only).
-        """
+        """Send *answer* as JSON, all in one write (HEAD: its headers only);
+        a _Reply as it is."""
+        if isinstance(answer, _Reply):
+            return self._send_reply(answer)
         try:
             text = json.dumps(answer, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -4262,9 +4789,31 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(self.timeout)
         self.wfile.write(data)  # sendall: the timeout bounds it whole
 
+    def _send_reply(self, reply):
+        self.send_response(reply.status)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if reply.status not in (204, 304):
+            self.send_header('Content-Length', str(len(reply.body)))
+        if self.close_connection:
+            self.send_header('Connection', 'close')
+        self._headers_buffer.append(b'\r\n')
+        if self.command != 'HEAD':
+            self._headers_buffer.append(reply.body)
+        data, self._headers_buffer = b''.join(self._headers_buffer), []
+        if self.connection.gettimeout() != self.timeout:
+            self.connection.settimeout(self.timeout)
+        self.wfile.write(data)
+
     def log_message(self, format, *args):
         logger.debug('control API: %s %s', self.address_string(),
                      format % args)
+
+
+def _request_id():
+    """Twenty characters, as Toxiproxy's X-Toxiproxy-Request-Id has."""
+    return ''.join(random.choice('0123456789abcdefghijklmnopqrstuv')
+                   for _ in range(20))
 
 
 def _line_content(line):
@@ -4296,9 +4845,16 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     linger = 1.0
     handler_class = ControlHandler
 
-    def __init__(self, address, proxy, token=None):
+    def __init__(self, address, proxy=None, token=None, proxies=None,
+                 toxiproxy_first=False):
         self.proxy = proxy
-        self.controller = Controller(proxy)
+        self.controller = Controller(proxy, proxies)
+        #: Toxiproxy's API, over every proxy of the process (with
+        #: *proxies*); *toxiproxy_first*: it answers unknown paths too
+        #: (``vaurien.py server``), else Vaurien's API does
+        self.toxiproxy = ToxiproxyAPI(proxies) if proxies is not None \
+            else None
+        self.toxiproxy_first = toxiproxy_first
         self.token = token or None
         self.active = 0
         self._active_lock = threading.Lock()
@@ -4320,6 +4876,14 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     @property
     def address(self):
         return self.server_address[:2]
+
+    def serves_toxiproxy(self, path):
+        """Whether Toxiproxy's API answers *path* (the two families of
+        endpoints do not collide)."""
+        if self.toxiproxy.owns(path):
+            return True
+        return self.toxiproxy_first and path.split('?', 1)[0].rstrip(
+            '/') not in self.controller.routes
 
     def process_request(self, request, client_address):
         """Serve the connection in a thread, unless ``max_connections``
@@ -4391,6 +4955,591 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def handle_error(self, request, client_address):
         logger.debug('control API: %s: %s', format_address(client_address),
                      sys.exc_info()[1])
+
+
+# Many proxies in one process ##############################################
+
+class Proxies(object):
+    """Every proxy of the process, by name; each is a ProxyServer with its
+    own listener and accepting thread, and a thread per connection.
+
+    They come from the command line and [vaurien] (named ``vaurien``), the
+    ini file's [proxy:NAME] sections, and Toxiproxy's API (POST /proxies,
+    /populate, the server's -config file).  A disabled proxy keeps its mix
+    and its toxics, its listener closed; enabled again, it listens on the
+    same address.  ``settings`` are the keywords every new ProxyServer
+    gets (seed, statsd, timeouts)."""
+
+    def __init__(self, **settings):
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._proxies = {}
+        #: the proxy Vaurien's endpoints serve when no ?proxy= names one
+        self.default = None
+        #: set to make serve() return (see stop())
+        self.stopped = threading.Event()
+        self.waker = None
+
+    def servers(self):
+        return [self._proxies[name] for name in self.names()
+                if name in self._proxies]
+
+    def stop(self):
+        """Make serve() return."""
+        self.stopped.set()
+        if self.waker is not None:
+            with contextlib.suppress(OSError):
+                self.waker.send(b'\0')
+
+    def __contains__(self, name):
+        return name in self._proxies
+
+    def names(self):
+        return sorted(self._proxies)
+
+    def get(self, name):
+        """The ProxyServer named *name*; ToxicError 404 when none is."""
+        server = self._proxies.get(name)
+        if server is None:
+            raise ToxicError('proxy not found', 404, 'proxy')
+        return server
+
+    def add(self, server, enabled=True):
+        """Take *server* in, and serve it (listening if *enabled*)."""
+        with self._lock:
+            if server.name in self._proxies:
+                raise ToxicError('proxy already exists', 409, 'name')
+            self._proxies[server.name] = server
+        if self.default is None and server.name == DEFAULT_PROXY:
+            self.default = server.name
+        thread = threading.Thread(target=server.serve_forever,
+                                  kwargs={'poll_interval': 0.2},
+                                  name='vaurien %s' % server.name)
+        thread.daemon = True
+        thread.start()
+        server.thread = thread
+        if not enabled:
+            server.disable()
+        return server
+
+    def create(self, name, listen, upstream, enabled=True, protocol='tcp',
+               protocol_options=None, behavior='dummy',
+               behavior_options=None):
+        """A new proxy, listening at once if *enabled* (Toxiproxy's
+        create: ToxicError 409 for a name taken, 500 when it cannot
+        listen)."""
+        with self._lock:
+            if name in self._proxies:
+                raise ToxicError('proxy already exists', 409, 'name')
+            address = _go_listen(listen) if enabled else ('127.0.0.1', 0)
+            try:
+                server = ProxyServer(
+                    address, upstream, protocol=protocol, behavior=behavior,
+                    protocol_options=protocol_options,
+                    behavior_options=behavior_options, name=name,
+                    listen=enabled, **self.settings)
+            except OSError as exc:
+                raise ToxicError(_go_bind_error(address, exc), 500)
+            server.listen_given = listen
+            if not enabled:
+                server.listen_address = None
+            return self.add(server, enabled)
+
+    def remove(self, name):
+        with self._lock:
+            server = self.get(name)
+            del self._proxies[name]
+            if self.default == name:
+                self.default = None
+        server.stop()
+
+    def update(self, name, listen=None, upstream=None, enabled=None):
+        """Toxiproxy's update: a listen address that resolves elsewhere,
+        or another upstream, restarts the proxy (its connections close);
+        then it starts or stops as *enabled* says."""
+        server = self.get(name)
+        with self._lock:
+            if listen is not None and listen != server.listen:
+                address = _go_listen(listen)
+                if _resolved(address) != _resolved(server.address):
+                    was = server.enabled
+                    server.disable()
+                    server.listen_given = listen
+                    server.server_address = address
+                    server.listen_address = None
+                    if was:
+                        self._enable(server)
+            if upstream is not None and upstream != server.upstream:
+                server.disable_connections()
+                server.set_upstream(upstream)
+            if enabled is not None and enabled != server.enabled:
+                if enabled:
+                    self._enable(server)
+                else:
+                    server.disable()
+        return server
+
+    def _enable(self, server):
+        try:
+            server.enable()
+        except OSError as exc:
+            raise ToxicError(_go_bind_error(server.server_address, exc), 500)
+
+    def reset(self):
+        """Toxiproxy's /reset: every proxy enabled again, every toxic
+        removed; and vaurien's mix back to dummy on each."""
+        for name in self.names():
+            server = self._proxies.get(name)
+            if server is None:
+                continue
+            if not server.enabled:
+                self._enable(server)
+            server.toxics.clear()
+            server.set_mix('dummy')
+
+    def populate(self, items):
+        """Toxiproxy's /populate with *items* checked already: a proxy of
+        the same name whose listen and upstream are the same is kept as it
+        is (its toxics too); any other is replaced.  Returns the proxies,
+        in order; on the first failure, ToxicError with ``done``, the ones
+        done so far."""
+        done = []
+        for item in items:
+            name = item['name']
+            try:
+                old = self._proxies.get(name)
+                if old is not None and _resolved(_go_listen(
+                        item.get('listen') or '')) == _resolved(
+                            old.address) and item['upstream'] == old.upstream:
+                    done.append(old)
+                    continue
+                if old is not None:
+                    self.remove(name)
+                server = self.create(
+                    name, item.get('listen') or '', item['upstream'],
+                    item.get('enabled', True),
+                    protocol=item.get('protocol') or 'tcp',
+                    protocol_options=item.get('protocol_options'))
+                for toxic in item.get('toxics') or ():
+                    server.toxics.add(make_toxic(server, toxic,
+                                                 server.toxics))
+                done.append(server)
+            except (ToxicError, VaurienError) as exc:
+                error = exc if isinstance(exc, ToxicError) else ToxicError(
+                    str(exc), 400, exc.field)
+                error.done = done
+                raise error
+        return done
+
+    def close_all(self):
+        for server in list(self._proxies.values()):
+            server.stop()
+
+
+def _go_listen(text):
+    """A listen address Toxiproxy's way: ``host:port``, ``:port`` or ``""``
+    (every interface, a free port); ToxicError 500 in Go's words when it
+    is none of them."""
+    text = text.strip()
+    if not text:
+        return ('::' if socket.has_ipv6 else '0.0.0.0', 0)
+    host, sep, port = text.rpartition(':')
+    if not sep:
+        raise ToxicError('listen tcp: address %s: missing port in address'
+                         % text, 500, 'listen')
+    if host.startswith('[') and host.endswith(']'):
+        host = host[1:-1]
+    elif ':' in host:
+        raise ToxicError('listen tcp: address %s: too many colons in address'
+                         % text, 500, 'listen')
+    if not port.isdigit() or int(port) > 65535:
+        raise ToxicError('listen tcp: address %s: invalid port' % text, 500,
+                         'listen')
+    return (host or ('::' if socket.has_ipv6 else '0.0.0.0'), int(port))
+
+
+def _resolved(address):
+    """*address* with its host resolved, to tell two spellings of one
+    address apart from two addresses (localhost:80 is 127.0.0.1:80)."""
+    host, port = address[:2]
+    try:
+        info = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        return info[0][4][:2]
+    except (OSError, UnicodeError):
+        return (host, port)
+
+
+def _go_bind_error(address, exc):
+    """What Go says when it cannot listen on *address*."""
+    if isinstance(exc, socket.gaierror):
+        return 'listen tcp: lookup %s: no such host' % address[0]
+    return 'listen tcp %s: bind: %s' % (format_address(_resolved(address)),
+                                        _os_error_text(exc))
+
+
+# Toxiproxy's API ##########################################################
+
+class _Reply(object):
+    """An answer the control API sends as it is: its status, its body
+    (bytes) and its headers (Toxiproxy's answers are exact to the byte)."""
+
+    __slots__ = ('status', 'body', 'headers')
+
+    def __init__(self, status, body=b'', headers=()):
+        self.status = status
+        self.body = body
+        self.headers = list(headers)
+
+
+def _go_json(value):
+    """*value* as Go's encoding/json writes it: compact, keys in the order
+    given, UTF-8, and <, > and & escaped."""
+    text = json.dumps(value, separators=(',', ':'), ensure_ascii=False,
+                      allow_nan=False)
+    return (text.replace('<', '\\u003c').replace('>', '\\u003e')
+            .replace('&', '\\u0026').replace('\u2028', '\\u2028')
+            .replace('\u2029', '\\u2029')).encode('utf-8')
+
+
+def _go_json_error(text, exc):
+    """What Go's json decoder says of *text*, where Python's said *exc*."""
+    message = getattr(exc, 'msg', str(exc))
+    pos = getattr(exc, 'pos', len(text))
+    if not text.strip():
+        return 'EOF'
+    if pos >= len(text) or message.startswith('Unterminated'):
+        return 'unexpected EOF'
+    char = text[pos]
+    shown = "'%s'" % char if char.isprintable() and char not in "'\\" else \
+        repr(char) if char != "'" else "'\\''"
+    if message.startswith('Expecting value'):
+        return 'invalid character %s looking for beginning of value' % shown
+    if message.startswith('Expecting property name'):
+        return ('invalid character %s looking for beginning of object key '
+                'string' % shown)
+    if message.startswith("Expecting ':'"):
+        return 'invalid character %s after object key' % shown
+    if message.startswith("Expecting ','"):
+        inside = 'object key:value pair' if text[:pos].rstrip()[-1:] != ']' \
+            and _innermost(text[:pos]) == '{' else 'array element'
+        return 'invalid character %s after %s' % (shown, inside)
+    if message.startswith('Invalid control character'):
+        return 'invalid character %s in string literal' % shown
+    return 'invalid character %s: %s' % (shown, message)
+
+
+def _innermost(text):
+    """The opening bracket of the innermost object or array still open at
+    the end of *text* (a JSON prefix), or ''."""
+    stack = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == '\\':
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in '[{':
+            stack.append(char)
+        elif char in ']}' and stack:
+            stack.pop()
+    return stack[-1] if stack else ''
+
+
+class ToxiproxyAPI(object):
+    """Toxiproxy's HTTP API over a Proxies collection, as its 2.12 server
+    answers (every path, status, header and error text of the map in
+    README.txt's "Coming from Toxiproxy"): ``call(method, path, body)``
+    -> a _Reply.  The control server sends its requests here when
+    ``owns(path)``."""
+
+    #: Toxiproxy's routes: a path's parts, and the methods of each
+    ROUTES = (
+        (('reset',), {'POST': 'reset'}),
+        (('proxies',), {'GET': 'list_proxies', 'POST': 'create'}),
+        (('populate',), {'POST': 'populate'}),
+        (('proxies', None), {'GET': 'proxy', 'POST': 'update',
+                             'PATCH': 'update', 'DELETE': 'delete'}),
+        (('proxies', None, 'toxics'), {'GET': 'toxics', 'POST': 'add_toxic'}),
+        (('proxies', None, 'toxics', None), {
+            'GET': 'toxic', 'POST': 'update_toxic', 'PATCH': 'update_toxic',
+            'DELETE': 'remove_toxic'}),
+        (('metrics',), None),       # any method
+    )
+
+    def __init__(self, proxies):
+        self.proxies = proxies
+
+    @staticmethod
+    def owns(path):
+        path = path.split('?', 1)[0]
+        return path in ('/reset', '/populate', '/metrics', '/proxies') or \
+            path.startswith('/proxies/')
+
+    def route(self, method, path):
+        """``(handler name, path arguments)``; a _Reply for an unknown path
+        (404) or method (405)."""
+        parts = [urllib.parse.unquote(part) for part in
+                 path.split('?', 1)[0].split('/')[1:]]
+        for pattern, methods in self.ROUTES:
+            if len(pattern) != len(parts) or any(
+                    want is not None and want != got or not got
+                    for want, got in zip(pattern, parts)):
+                continue
+            if methods is None:
+                return 'metrics', []
+            name = methods.get(method)
+            if name is None:
+                return _Reply(405)
+            return name, [got for want, got in zip(pattern, parts)
+                          if want is None]
+        return _Reply(404, b'404 page not found\n', [
+            ('Content-Type', 'text/plain; charset=utf-8'),
+            ('X-Content-Type-Options', 'nosniff')])
+
+    def call(self, method, path, body=b''):
+        found = self.route(method, path)
+        if isinstance(found, _Reply):
+            return found
+        name, args = found
+        try:
+            return getattr(self, name)(body, *args)
+        except ToxicError as exc:
+            return self.error(exc.status, str(exc))
+
+    @staticmethod
+    def error(status, message):
+        """Toxiproxy's error: JSON, sent as text/plain (http.Error)."""
+        return _Reply(status, _go_json({'error': message, 'status': status})
+                      + b'\n', [('Content-Type', 'text/plain; charset=utf-8'),
+                                ('X-Content-Type-Options', 'nosniff')])
+
+    @staticmethod
+    def ok(value, status=200):
+        return _Reply(status, _go_json(value),
+                      [('Content-Type', 'application/json')])
+
+    @staticmethod
+    def decode(body, go_type='toxiproxy.Proxy', want=dict):
+        """The JSON value a request carries, as Go's Decoder reads it: the
+        first value (what follows is not read), checked to be *want*."""
+        text = body.decode('utf-8', 'replace')
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, len(text) - len(
+                text.lstrip()))
+        except ValueError as exc:
+            raise ToxicError('bad request body: %s' % _go_json_error(text,
+                                                                     exc))
+        if not isinstance(value, want) or value is None:
+            if value is None:
+                return want()
+            raise ToxicError('bad request body: json: cannot unmarshal %s '
+                             'into Go value of type %s'
+                             % (_go_kind(value), go_type))
+        return value
+
+    def proxy_json(self, server):
+        """A proxy as Toxiproxy shows it (``Logger`` is Go's, emitted as it
+        is), with vaurien's protocol when it has one."""
+        shown = {'name': server.name, 'listen': server.listen,
+                 'upstream': server.upstream, 'enabled': server.enabled,
+                 'Logger': {}, 'toxics': [toxic.to_json() for toxic in
+                                          server.toxics.listed()]}
+        if server.protocol_name != 'tcp':
+            shown['protocol'] = server.protocol_name
+            if server.protocol_settings:
+                shown['protocol_options'] = dict(server.protocol_settings)
+        return shown
+
+    # the routes
+
+    def list_proxies(self, body):
+        return self.ok(dict((name, self.proxy_json(self.proxies.get(name)))
+                            for name in self.proxies.names()))
+
+    def create(self, body):
+        data = self.decode(body)
+        item = self._proxy_fields(data)
+        server = self.proxies.create(
+            item['name'], item.get('listen') or '', item['upstream'],
+            item.get('enabled', True), protocol=item.get('protocol') or 'tcp',
+            protocol_options=item.get('protocol_options'))
+        return self.ok(self.proxy_json(server), 201)
+
+    def _proxy_fields(self, data, where=''):
+        """A proxy's fields, checked as Toxiproxy checks them (types, then
+        the name, then the upstream), and vaurien's protocol."""
+        for key, go_type in (('name', str), ('listen', str),
+                             ('upstream', str), ('enabled', bool)):
+            _go_field(data.get(key), go_type, 'Proxy.' + key,
+                      go_type.__name__ if go_type is str else 'bool')
+        if not data.get('name'):
+            raise ToxicError('missing required field: name' + where)
+        if not data.get('upstream'):
+            raise ToxicError('missing required field: upstream' + where)
+        protocol = data.get('protocol')
+        if protocol is not None:
+            try:
+                cls = Protocol.get(protocol)
+                validate_options('protocol', cls,
+                                 data.get('protocol_options') or {})
+            except (VaurienError, TypeError, AttributeError) as exc:
+                raise ToxicError('bad protocol%s: %s' % (where, exc))
+        return data
+
+    def populate(self, body):
+        items = self.decode(body, '[]struct { toxiproxy.Proxy; Enabled '
+                                  '*bool "json:\\"enabled\\"" }', list)
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ToxicError('bad request body: json: cannot unmarshal %s '
+                                 'into Go value of type toxiproxy.Proxy'
+                                 % _go_kind(item))
+            self._proxy_fields(item, ' at proxy %d' % (index + 1))
+        try:
+            done = self.proxies.populate(items)
+        except ToxicError as exc:
+            proxies = [self.proxy_json(server) for server in exc.done]
+            return _Reply(exc.status, _go_json(
+                {'error': str(exc), 'status': exc.status,
+                 'proxies': proxies or None}), [('Content-Type',
+                                                 'application/json')])
+        return self.ok({'proxies': [self.proxy_json(server)
+                                    for server in done] or None}, 201)
+
+    def proxy(self, body, name):
+        return self.ok(self.proxy_json(self.proxies.get(name)))
+
+    def update(self, body, name):
+        server = self.proxies.get(name)
+        data = self.decode(body)
+        for key, go_type in (('listen', str), ('upstream', str),
+                             ('enabled', bool)):
+            _go_field(data.get(key), go_type, 'Proxy.' + key,
+                      'string' if go_type is str else 'bool')
+        self.proxies.update(name, data.get('listen'), data.get('upstream'),
+                            data.get('enabled'))
+        return self.ok(self.proxy_json(server))
+
+    def delete(self, body, name):
+        self.proxies.remove(name)
+        return _Reply(204)
+
+    def reset(self, body):
+        self.proxies.reset()
+        return _Reply(204)
+
+    def toxics(self, body, name):
+        server = self.proxies.get(name)
+        return self.ok([toxic.to_json() for toxic in server.toxics.listed()])
+
+    def add_toxic(self, body, name):
+        server = self.proxies.get(name)
+        data = self.decode(body, 'toxics.ToxicWrapper')
+        toxic = make_toxic(server, data, server.toxics)
+        server.toxics.add(toxic)
+        logger.info('proxy %s: toxic %s added (%s, %s)', server.name,
+                    toxic.name, toxic.type, toxic.stream)
+        return self.ok(toxic.to_json())
+
+    def toxic(self, body, name, toxic_name):
+        toxic = self._toxic(name, toxic_name)
+        return self.ok(toxic.to_json())
+
+    def update_toxic(self, body, name, toxic_name):
+        server = self.proxies.get(name)
+        old = self._toxic(name, toxic_name)
+        data = self.decode(body, 'struct { Attributes interface {} '
+                                 '"json:\\"attributes\\""; Toxicity float32 '
+                                 '"json:\\"toxicity\\"" }')
+        new = make_toxic(server, data, old=old)
+        old.attributes, old.toxicity = new.attributes, new.toxicity
+        server.toxics.changed(old)
+        return self.ok(old.to_json())
+
+    def remove_toxic(self, body, name, toxic_name):
+        server = self.proxies.get(name)
+        server.toxics.remove(toxic_name)
+        return _Reply(204)
+
+    def _toxic(self, name, toxic_name):
+        toxic = self.proxies.get(name).toxics.get(toxic_name)
+        if toxic is None:
+            raise ToxicError('toxic not found', 404)
+        return toxic
+
+    def metrics(self, body):
+        return _Reply(200, prometheus_text(self.proxies).encode('utf-8'), [
+            ('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')])
+
+
+def prometheus_text(proxies):
+    """Every proxy's counters in Prometheus's text format: Toxiproxy's
+    series (its names and labels), counted live, and vaurien's own."""
+    series = collections.OrderedDict((name, []) for name in (
+        'toxiproxy_proxy_received_bytes_total',
+        'toxiproxy_proxy_sent_bytes_total', 'vaurien_connections_open',
+        'vaurien_connections_total', 'vaurien_exchanges_total',
+        'vaurien_decisions_total', 'vaurien_toxics_applied_total'))
+    for name in proxies.names():
+        try:
+            server = proxies.get(name)
+        except ToxicError:
+            continue            # removed meanwhile
+        counts = server.byte_counts()
+        for direction in ('downstream', 'upstream'):
+            labels = {'direction': direction, 'listener': server.listen,
+                      'proxy': name, 'upstream': server.upstream}
+            series['toxiproxy_proxy_received_bytes_total'].append(
+                (labels, counts['received', direction]))
+            series['toxiproxy_proxy_sent_bytes_total'].append(
+                (labels, counts['sent', direction]))
+        labels = {'proxy': name}
+        with server._stats_lock:
+            total = server.totals.get('connections', 0)
+            open_now = len(server.connections)
+        series['vaurien_connections_open'].append((labels, open_now))
+        series['vaurien_connections_total'].append((labels,
+                                                    total + open_now))
+        for behavior, count in sorted(server.exchange_counts.items()):
+            series['vaurien_exchanges_total'].append(
+                ({'behavior': behavior, 'proxy': name}, count))
+        series['vaurien_decisions_total'].append((labels,
+                                                  server.decision_count))
+        for toxic, count in sorted(server.toxic_counts.items()):
+            series['vaurien_toxics_applied_total'].append(
+                ({'proxy': name, 'toxic': toxic}, count))
+    helps = {
+        'toxiproxy_proxy_received_bytes_total': 'Bytes a proxy read, by '
+        'direction (upstream: from the clients)',
+        'toxiproxy_proxy_sent_bytes_total': 'Bytes a proxy wrote, by '
+        'direction (upstream: to the upstream)',
+        'vaurien_connections_open': 'Client connections open now',
+        'vaurien_connections_total': 'Client connections since the start',
+        'vaurien_exchanges_total': 'Exchanges, by the behavior they met',
+        'vaurien_decisions_total': 'Decisions logged (behaviors and toxics '
+        'other than dummy met)',
+        'vaurien_toxics_applied_total': 'Connections each toxic acted on',
+    }
+    lines = []
+    for name, samples in series.items():
+        kind = 'gauge' if name == 'vaurien_connections_open' else 'counter'
+        lines.append('# HELP %s %s' % (name, helps[name]))
+        lines.append('# TYPE %s %s' % (name, kind))
+        for labels, value in samples:
+            lines.append('%s{%s} %d' % (name, ','.join(
+                '%s="%s"' % (key, _prometheus_label(labels[key]))
+                for key in sorted(labels)), value))
+    return '\n'.join(lines) + '\n'
+
+
+def _prometheus_label(value):
+    return str(value).replace('\\', '\\\\').replace('"', '\\"') \
+        .replace('\n', '\\n')
 
 
 # Client helpers ##########################################################
@@ -4806,15 +5955,23 @@ def _ini_value(value, path):
 
 def _split_section(section):
     kind, sep, name = section.partition(':')
-    if sep and kind.strip() in ('behavior', 'protocol') and name.strip():
+    if sep and kind.strip() in ('behavior', 'protocol', 'proxy') and \
+            name.strip():
         return kind.strip(), name.strip()
     return None, None
+
+
+#: what a [proxy:NAME] section may set, beside NAME.OPTION keys (options of
+#: a behavior or protocol, for this proxy only)
+PROXY_KEYS = ('proxy', 'backend', 'protocol', 'behavior', 'timeout',
+              'idle_timeout')
 
 
 def load_settings(argv=None):
     """Defaults < ini file < command line.  Returns ``(settings,
     plugin_options, args)`` where plugin_options maps ``(kind, name)`` to
-    raw option values."""
+    raw option values, and ``args.proxy_sections`` lists the ini file's
+    ``(NAME, {key: value})`` of [proxy:NAME] sections."""
     argv = list(sys.argv[1:] if argv is None else argv)
     early, _ = _base_parser(add_help=False).parse_known_args(argv)
     config = read_config(early.config) if early.config else {}
@@ -4825,9 +5982,9 @@ def load_settings(argv=None):
         if kind is None and section not in ('vaurien', 'statsd'):
             raise VaurienError(
                 "config file %r: unknown section [%s] (sections: [vaurien], "
-                "[statsd], [behavior:NAME], [protocol:NAME])"
+                "[statsd], [behavior:NAME], [protocol:NAME], [proxy:NAME])"
                 % (early.config, section))
-        if kind and 'callable' in values:
+        if kind in ('behavior', 'protocol') and 'callable' in values:
             callables.append((kind, name, values['callable']))
     modules = []
     for text in (config.get('vaurien', {}).get('plugins', ''), early.plugins):
@@ -4856,9 +6013,12 @@ def load_settings(argv=None):
             raise VaurienError('%s [statsd]: unknown key %r (known: %s)'
                                % (where, key, ', '.join(sorted(in_statsd))))
         take(in_statsd[key], value, where + ' [statsd]')
+    args.proxy_sections = []
     for section, values in config.items():
         kind, name = _split_section(section)
-        if kind:
+        if kind == 'proxy':
+            args.proxy_sections.append((name, values))
+        elif kind:
             registry = Protocol if kind == 'protocol' else Behavior
             registry.get(name)
             for key, value in values.items():
@@ -4866,7 +6026,8 @@ def load_settings(argv=None):
                     plugin_options[(kind, name)][key.replace('-', '_')] = value
 
     for dest, value in vars(args).items():
-        if value is None or dest in ('config', 'version', 'list'):
+        if value is None or dest in ('config', 'version', 'list',
+                                     'proxy_sections'):
             continue
         if dest.startswith('plugin:'):
             _, kind, name, option = dest.split(':', 3)
@@ -4981,6 +6142,37 @@ def build_server(settings, plugin_options):
     return server
 
 
+def build_named_proxy(name, values, settings, plugin_options, proxies):
+    """A ProxyServer for an ini file's [proxy:NAME] section: its keys are
+    [vaurien]'s (PROXY_KEYS), defaults [vaurien]'s own values; a
+    NAME.OPTION key sets an option of behavior or protocol NAME for this
+    proxy only."""
+    where = 'config file [proxy:%s]' % name
+    if name in proxies:
+        raise VaurienError('%s: a proxy named %r exists already (the '
+                           'command line\'s is %r)' % (where, name,
+                                                      DEFAULT_PROXY))
+    own = dict((key, settings[key]) for key in PROXY_KEYS)
+    options = dict(plugin_options)
+    for key, value in values.items():
+        key = key.strip().replace('-', '_')
+        plugin, dot, option = key.partition('.')
+        if dot:
+            kind = 'protocol' if plugin in Protocol and plugin not in \
+                Behavior else 'behavior'
+            options[(kind, plugin)] = dict(options.get((kind, plugin), {}),
+                                           **{option: value})
+        elif key in PROXY_KEYS:
+            own[key] = _SETTINGS[key].convert(value, where)
+        else:
+            raise VaurienError('%s: unknown key %r (known: %s, and '
+                               'NAME.OPTION for a behavior or protocol NAME)'
+                               % (where, key, ', '.join(PROXY_KEYS)))
+    server = build_server(dict(settings, **own), options)
+    server.name = name
+    return server
+
+
 def list_plugins(out=None):
     """Print every protocol and behavior with its origin and options."""
     out = out or sys.stdout
@@ -5006,18 +6198,27 @@ def _list_options(out, table):
             option, default, type_.__name__, description, extra))
 
 
-def start_control(settings, server):
-    """The control API's server, when --http asks for it."""
-    if not settings['http']:
-        return None
-    address = (settings['http_host'], settings['http_port'])
+def start_control(settings, server, proxies=None, address=None,
+                  toxiproxy_first=False):
+    """The control API's server, when --http asks for it (or *address*
+    is given): both families of endpoints, Vaurien's and Toxiproxy's, for
+    *proxies*.  Its token: --http-token, or TOXIPROXY_AUTH_TOKEN."""
+    if address is None:
+        if not settings['http']:
+            return None
+        address = (settings['http_host'], settings['http_port'])
+    token = settings['http_token'] or os.environ.get('TOXIPROXY_AUTH_TOKEN')
     try:
-        return ControlServer(address, server, settings['http_token'])
+        return ControlServer(address, server, token, proxies=proxies,
+                             toxiproxy_first=toxiproxy_first)
     except OSError as exc:
-        server.server_close()
+        if proxies is not None:
+            proxies.close_all()
+        elif server is not None:
+            server.server_close()
         raise VaurienError('cannot serve the control API on %s: %s (pick '
-                           'another --http-port)' % (format_address(address),
-                                                     _os_error_text(exc)))
+                           'another port)' % (format_address(address),
+                                              _os_error_text(exc)))
 
 
 def write_ready_file(path, server, control):
@@ -5133,8 +6334,9 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in
                      ('SIGTERM', 'SIGINT', 'SIGHUP') if hasattr(signal, name))
 
 
-def serve(server, control=None, spare_cpus=()):
-    """Serve until SIGTERM, SIGINT or SIGHUP (or ``server.shutdown()``),
+def serve(proxies, control=None, spare_cpus=()):
+    """Serve every proxy of *proxies* (each accepts in a thread of its
+    own) until SIGTERM, SIGINT or SIGHUP (or ``proxies.stopped`` is set),
     then stop accepting, stop the control API and return.
 
     Connections still open are left to the process's exit, which closes
@@ -5144,10 +6346,10 @@ def serve(server, control=None, spare_cpus=()):
     reason this thread, the one that exits, leaves the CPU the
     connections run on for *spare_cpus* once a signal came.
 
-    The accepting runs in a thread of its own, and this one waits for a
-    byte on a socket pair (``signal.set_wakeup_fd``): it wakes at once,
-    whichever thread the signal reached.  From another thread than the
-    main one (no signals there), this one accepts, until shutdown().
+    This thread waits for a byte on a socket pair
+    (``signal.set_wakeup_fd``): it wakes at once, whichever thread the
+    signal reached.  From another thread than the main one (no signals
+    there), it waits for ``proxies.stopped``.
     """
     if control is not None:
         threading.Thread(target=control.serve_forever, name='vaurien-control',
@@ -5161,11 +6363,11 @@ def serve(server, control=None, spare_cpus=()):
                 previous[signum] = signal.signal(signum, _on_stop_signal)
             old_wakeup = signal.set_wakeup_fd(waker.fileno())
         except ValueError:      # not the main thread
-            server.serve_forever(poll_interval=0.2)
+            proxies.stopped.wait()
             signum = None
         else:
             try:
-                signum = _wait_for_stop(server, waiter, waker)
+                signum = _wait_for_stop(proxies, waiter, waker)
             finally:
                 signal.set_wakeup_fd(old_wakeup)
         if signum:
@@ -5173,11 +6375,18 @@ def serve(server, control=None, spare_cpus=()):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, spare_cpus)
             logger.info('%s: stopping (%d connections open)',
-                        signal.Signals(signum).name, len(server.connections))
-        # what close_all() does, but for the connections (see above)
-        server.closing = True
-        server.server_close()           # refuse new connections at once
-        server.shutdown()               # the accepting thread ends
+                        signal.Signals(signum).name, sum(
+                            len(server.connections)
+                            for server in proxies.servers()))
+        # what close_all() does, but for the connections (see above):
+        # every listener closed at once, then every accepting thread ends
+        servers = proxies.servers()
+        for server in servers:
+            server.closing = True
+            server.server_close()
+            server._stop_request.set()
+        for server in servers:
+            server._stopped.wait(1)
         if control is not None:
             # wake its loop now rather than at its next poll
             with contextlib.suppress(OSError):
@@ -5196,22 +6405,11 @@ def _on_stop_signal(signum, frame):
     """Nothing to do here: the wake-up byte tells serve()."""
 
 
-def _wait_for_stop(server, waiter, waker):
-    """Accept in a thread until a stop signal's byte comes: its number
-    (None when the accept loop ended by itself)."""
-    failure = []
-
-    def accept():
-        try:
-            server.serve_forever(poll_interval=0.2)
-        except BaseException:
-            failure.append(sys.exc_info())
-        finally:
-            with contextlib.suppress(OSError):
-                waker.send(b'\0')      # wake serve()
-    threading.Thread(target=accept, name='vaurien-accept',
-                     daemon=True).start()
-    while True:
+def _wait_for_stop(proxies, waiter, waker):
+    """Wait for a stop signal's byte, or for ``proxies.stopped``: the
+    signal's number (None for the other)."""
+    proxies.waker = waker
+    while not proxies.stopped.is_set():
         wait_readable(waiter)
         try:
             data = waiter.recv(256)
@@ -5220,10 +6418,7 @@ def _wait_for_stop(server, waiter, waker):
         for number in bytearray(data):
             if number in STOP_SIGNALS:
                 return number
-            if number == 0:
-                if failure:
-                    raise failure[0][1].with_traceback(failure[0][2])
-                return None
+    return None
 
 
 def _say(message, *args):
@@ -5237,7 +6432,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['ctl']:
         return ctl_main(argv[1:])
-    server = control = None
+    if argv[:1] == ['server']:
+        return server_main(argv[1:])
+    server = control = proxies = None
     try:
         settings, plugin_options, args = load_settings(argv)
         if args.version:
@@ -5259,12 +6456,21 @@ def main(argv=None):
         # before any thread starts: they inherit the CPU
         cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
-        control = start_control(settings, server)
+        proxies = Proxies(**server.proxy_settings())
+        proxies.add(server)
+        for name, values in args.proxy_sections:
+            proxies.add(build_named_proxy(name, values, settings,
+                                          plugin_options, proxies))
+        control = start_control(settings, server, proxies)
         # where it listens is said whatever the log level (port 0 picks)
         _say('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
              __version__, format_address(server.address),
-             format_address(server.backend), server.protocol_name,
-             server.mix)
+             server.upstream, server.protocol_name, server.mix)
+        for other in proxies.servers():
+            if other is not server:
+                _say('proxy %s: proxying %s -> %s, protocol %s, behavior '
+                     '%s', other.name, other.listen, other.upstream,
+                     other.protocol_name, other.mix)
         if cpu is not None:
             logger.info('running on CPU %d (--cpu all lets threads use every '
                         'CPU)', cpu)
@@ -5284,13 +6490,113 @@ def main(argv=None):
         if settings['ready_file']:
             write_ready_file(settings['ready_file'], server, control)
     except VaurienError as exc:
-        for listener in (control, server):
-            if listener is not None:
-                listener.server_close()
+        if control is not None:
+            control.server_close()
+        if proxies is not None:
+            proxies.close_all()
+        elif server is not None:
+            server.server_close()
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2
-    serve(server, control, allowed - {cpu} if cpu is not None else ())
+    serve(proxies, control, allowed - {cpu} if cpu is not None else ())
     return 0
+
+
+def server_main(argv):
+    """``vaurien.py server``: a Toxiproxy server, its API on
+    127.0.0.1:8474 (-host, -port); the proxies its clients make, or the
+    -config file lists.  Go's flags take one dash or two (-port, --port).
+    Returns the exit status."""
+    parser = _Parser(prog='vaurien server', allow_abbrev=False,
+                     description="Toxiproxy's server: its HTTP API, for "
+                                 "every Toxiproxy client, and vaurien's.")
+    add = parser.add_argument
+    add('-host', '--host', default='localhost',
+        help='address of the API (default localhost: 127.0.0.1 only)')
+    add('-port', '--port', default='8474', help='port of the API (default '
+        '8474)')
+    add('-config', '--config', metavar='FILE', help="Toxiproxy's JSON "
+        'array of proxies (with their toxics) to start with')
+    add('-seed', '--seed', help='seed of every random choice (toxicity '
+        'draws, jitter...): the same seed and traffic make the same ones')
+    add('-proxy-metrics', '--proxy-metrics', action='store_true',
+        help='accepted: /metrics always serves every series')
+    add('-runtime-metrics', '--runtime-metrics', action='store_true',
+        help='accepted (no Go runtime here)')
+    add('-version', '--version', action='store_true',
+        help='print the version and exit')
+    for name in ('http_token', 'log_level', 'log_output', 'timeout',
+                 'idle_timeout', 'cpu', 'plugins'):
+        setting = _SETTINGS[name]
+        add(setting.flag, dest=name, metavar=setting.metavar,
+            help=setting.help_text())
+    proxies = control = None
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            print('vaurien %s (a Toxiproxy 2.12 API server)' % __version__)
+            return 0
+        given = dict((name, getattr(args, name)) for name in (
+            'http_token', 'log_level', 'log_output', 'timeout',
+            'idle_timeout', 'cpu', 'plugins', 'seed')
+            if getattr(args, name) is not None)
+        settings = check_settings(given, 'vaurien server')
+        load_plugins([m for m in settings['plugins'].split(',') if m.strip()])
+        port = _SETTINGS['http_port'].convert(args.port, 'option -port')
+        log = configure_logging(settings['log_level'], settings['log_output'])
+        raise_descriptor_limit()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        allowed = set(os.sched_getaffinity(0)) if hasattr(
+            os, 'sched_getaffinity') else set()
+        cpu = pin_to_cpu(settings['cpu'])
+        proxies = Proxies(seed=settings['seed'],
+                          timeout=settings['timeout'] or None,
+                          idle_timeout=settings['idle_timeout'])
+        if args.config:
+            load_toxiproxy_config(args.config, proxies)
+        control = start_control(settings, None, proxies,
+                                address=(args.host, port),
+                                toxiproxy_first=True)
+        _say("vaurien %s: Toxiproxy's API on http://%s%s, %d proxies",
+             __version__, format_address(control.address),
+             ' (bearer token required)' if control.token else '',
+             len(proxies.names()))
+        if log.failure is not None:
+            raise VaurienError('cannot write the log to %r: %s'
+                               % (settings['log_output'],
+                                  _os_error_text(log.failure)))
+    except VaurienError as exc:
+        if control is not None:
+            control.server_close()
+        if proxies is not None:
+            proxies.close_all()
+        sys.stderr.write('vaurien server: error: %s\n' % exc)
+        return 2
+    serve(proxies, control, allowed - {cpu} if cpu is not None else ())
+    return 0
+
+
+def load_toxiproxy_config(path, proxies):
+    """Toxiproxy's -config file (its /populate array) into *proxies*, the
+    toxics each proxy lists applied too (Toxiproxy ignores them), with
+    vaurien's protocol fields; VaurienError in one line for a file that
+    is not such an array (Toxiproxy only logs)."""
+    try:
+        with open(path, 'rb') as stream:
+            body = stream.read()
+    except OSError as exc:
+        raise VaurienError('cannot read -config %r: %s' % (
+            path, _os_error_text(exc)))
+    api = ToxiproxyAPI(proxies)
+    reply = api.populate(body)
+    if reply.status != 201:
+        try:
+            message = json.loads(reply.body.decode('utf-8'))['error']
+        except (ValueError, KeyError):
+            message = reply.body.decode('utf-8', 'replace').strip()
+        raise VaurienError('-config %r: %s (give a JSON array of proxies: '
+                           'name, listen, upstream, enabled, toxics)'
+                           % (path, message))
 
 
 def ctl_main(argv=None):

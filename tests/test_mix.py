@@ -325,7 +325,7 @@ class DecisionLogTest(MixTestCase):
             first = decisions[0]
             self.assertEqual(sorted(first), [
                 'behavior', 'client', 'connection', 'direction', 'exchange',
-                'id', 'options', 'request', 'time'])
+                'id', 'options', 'proxy', 'request', 'time'])
             self.assertEqual((first['behavior'], first['exchange'],
                               first['direction']), ('test-mark', 1, 'both'))
             self.assertEqual(first['options']['test-mark']['every'], 1)
