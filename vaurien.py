@@ -6741,8 +6741,8 @@ def ctl_main(argv=None):
                 print('Backend changed to "%s"' % client.get_backend())
             elif isinstance(answer, str):
                 print(answer)
-            elif isinstance(answer, list) and all(isinstance(item, str)
-                                                  for item in answer):
+            elif isinstance(answer, list) and answer and all(
+                    isinstance(item, str) for item in answer):
                 print(', '.join(answer))
             else:
                 print(json.dumps(answer, indent=2, sort_keys=True))
