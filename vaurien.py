@@ -5663,16 +5663,19 @@ del _call
 
 
 class Client(_ControlMethods):
-    """Talks to a proxy's control API (``--http``) over HTTP."""
+    """Talks to a proxy's control API (``--http``, or ``vaurien.py
+    server``) over HTTP; *proxy* names the proxy (of the process's many)
+    its calls are for, the default one without it."""
 
     def __init__(self, host='localhost', port=DEFAULTS['http_port'],
-                 scheme='http', token=None, timeout=10.0):
+                 scheme='http', token=None, timeout=10.0, proxy=None):
         if scheme != 'http':
             raise VaurienError('the control API speaks plain http only')
         self.host = host
         self.port = int(port)
         self.token = token
         self.timeout = timeout
+        self.proxy = proxy
         # Vaurien 1.x's attributes
         self.scheme = scheme
         self.root_url = '%s://%s' % (scheme,
@@ -5692,6 +5695,9 @@ class Client(_ControlMethods):
             headers['Content-Type'] = 'application/json'
         if self.token:
             headers['Authorization'] = 'Bearer ' + self.token
+        if self.proxy is not None:
+            path += ('&' if '?' in path else '?') + urllib.parse.urlencode(
+                {'proxy': self.proxy})
         try:
             conn.request(method, path, data, headers)
             response = conn.getresponse()
@@ -5734,7 +5740,8 @@ class LocalProxy(_ControlMethods):
     def client(self):
         """A ``Client`` for the control API (``proxy(..., http=True)``)."""
         host, port = self.http_address
-        return Client(host, port, token=self.control.token)
+        return Client(host, port, token=self.control.token,
+                      proxy=self.server.name)
 
 
 @contextlib.contextmanager
@@ -5749,7 +5756,7 @@ def proxy(backend, address=('127.0.0.1', 0), behavior='dummy',
                 ...
 
     Other keywords go to ProxyServer (timeout, idle_timeout, seed,
-    protocol_options, behavior_options).  Several can run at once.
+    protocol_options, behavior_options, name).  Several can run at once.
     """
     server = ProxyServer(address, backend, protocol=protocol,
                          behavior=behavior, **options)
@@ -6687,6 +6694,10 @@ def ctl_main(argv=None):
                        % DEFAULTS['http_port'])
     where.add_argument('--token', default=argparse.SUPPRESS,
                        help='bearer token (--http-token of the proxy)')
+    where.add_argument('--proxy', default=argparse.SUPPRESS, metavar='NAME',
+                       help='the proxy to drive, of the process\'s many '
+                            '(default: the command line\'s, "%s")'
+                            % DEFAULT_PROXY)
     parser = _Parser(prog='vaurien ctl', allow_abbrev=False, parents=[where],
                      description='Read or change what a running vaurien '
                                  '(started with --http) does.')
@@ -6719,6 +6730,7 @@ def ctl_main(argv=None):
         client = _ctl_client(getattr(args, 'host', 'localhost'),
                              getattr(args, 'port', None),
                              getattr(args, 'token', None))
+        client.proxy = getattr(args, 'proxy', None)
         values = [getattr(args, name) for name, param in
                   _ctl_parameters(call) if param.kind != param.VAR_KEYWORD]
         if call.name == 'set_behavior':
