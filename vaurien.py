@@ -2082,8 +2082,12 @@ def make_toxic(server, data, toxics=None, old=None):
                       % (struct_name, key), 'int64')
     attributes.update(given)
     if fields is not None:
-        # Toxiproxy's defaults: every field it lists is 0 unless given
-        options = dict((key, 0) for key in fields[1])
+        # Toxiproxy's defaults: every field it lists is 0 unless given;
+        # where 0 means nothing (a rate, a slice's size), the behavior's
+        # own default
+        table = option_table(Behavior.get(type_)) if type_ != 'noop' else {}
+        options = dict((key, 0) for key in fields[1]
+                       if _zero_is_valid(_option_spec(table[key])[3]))
         options.update(attributes)
     else:
         options = dict(attributes)
@@ -2106,6 +2110,13 @@ def make_toxic(server, data, toxics=None, old=None):
             old.behavior.update_settings(behavior.settings)
             behavior = old.behavior
     return Toxic(name, type_, stream, float(toxicity), behavior, attributes)
+
+
+def _zero_is_valid(choices):
+    """Whether an option whose values are *choices* (a Range, a tuple, or
+    None) may be 0."""
+    problem = getattr(choices, 'problem', None)
+    return problem(0) is None if problem else choices is None or 0 in choices
 
 
 def _go_struct(type_):
