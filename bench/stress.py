@@ -799,9 +799,10 @@ def _sink(server, conn):
     _drain(server, conn, "received")
 
 
-def _fast_sender(address, done, out):
-    """Sends as fast as the proxy takes it until ``done()``, then closes;
-    ("sent", bytes) and any ("error", text) go to *out*."""
+def _fast_sender(address, done, out, most=None):
+    """Sends as fast as the proxy takes it until ``done()`` (or *most*
+    bytes were sent: then it waits for done() without sending), then
+    closes; ("sent", bytes) and any ("error", text) go to *out*."""
     chunk = memoryview(_pattern(65536))
     sent = 0
     try:
@@ -812,8 +813,12 @@ def _fast_sender(address, done, out):
     sock.settimeout(0.2)
     try:
         while not done():
+            if most is not None and sent >= most:
+                time.sleep(0.05)
+                continue
             try:
-                sent += sock.send(chunk)
+                sent += sock.send(chunk if most is None else
+                                  chunk[:most - sent])
             except socket.timeout:
                 continue
     except OSError as exc:
@@ -1153,38 +1158,44 @@ def _never_read(server, conn):
 
 def case_stuck_backend(ctx):
     clients = 20
-    server = ThreadServer(_never_read)
-    v = Vaurien(ctx, server.port, http=True, label="stuck")
     rows = []
-    try:
-        time.sleep(0.3)
-        fds0, threads0 = v.fds(), v.threads()
-        out = []
-        give_up = monotonic() + 2.0
-        senders = [_start(_fast_sender, v.address,
-                          lambda: monotonic() > give_up, out)
-                   for _ in range(clients)]
-        _join(senders, monotonic() + 10)
-        time.sleep(5)
-        sent = [x for kind, x in out if kind == "sent"]
-        notes = ["before: %s fds, %s threads" % (fds0, threads0)]
-        errors = [x for kind, x in out if kind == "error"]
-        if errors:
-            notes.append("client errors: %s" % errors[0])
-        rows.append(Row("%d clients gave up, +5 s" % clients, {
-            "fds": v.fds(), "threads": v.threads(),
-            "conns": v.open_connections(),
-            "backend": server.accepted,
-            "sent": statistics.median(sent) / MB if sent else None}, notes))
-        # and once the stuck backend lets go of its ends too
-        server.stop()
-        time.sleep(5)
-        rows.append(Row("backend closed its ends too, +5 s", {
-            "fds": v.fds(), "threads": v.threads(),
-            "conns": v.open_connections()}))
-    finally:
-        v.stop()
-        server.stop()
+    # two kinds of clients: some send until the proxy takes no more (their
+    # own kernel then holds the rest, and their close: the proxy cannot
+    # see it), others send 1 MB, then give up (their close reaches it)
+    for label, most in (("sent until blocked", None), ("sent 1 MB", MB)):
+        server = ThreadServer(_never_read)
+        v = Vaurien(ctx, server.port, http=True, label="stuck")
+        try:
+            time.sleep(0.3)
+            fds0, threads0 = v.fds(), v.threads()
+            out = []
+            give_up = monotonic() + 2.0
+            senders = [_start(_fast_sender, v.address,
+                              lambda: monotonic() > give_up, out, most)
+                       for _ in range(clients)]
+            _join(senders, monotonic() + 10)
+            time.sleep(5)
+            sent = [x for kind, x in out if kind == "sent"]
+            notes = ["before: %s fds, %s threads" % (fds0, threads0)]
+            errors = [x for kind, x in out if kind == "error"]
+            if errors:
+                notes.append("client errors: %s" % errors[0])
+            rows.append(Row("%d clients %s, gave up, +5 s" % (clients, label),
+                            {"fds": v.fds(), "threads": v.threads(),
+                             "conns": v.open_connections(),
+                             "backend": server.accepted,
+                             "sent": statistics.median(sent) / MB
+                             if sent else None}, notes))
+            # and once the stuck backend lets go of its ends too
+            server.stop()
+            time.sleep(5)
+            rows.append(Row("  then the backend closed, +5 s (%s)"
+                            % label.split()[-1], {
+                "fds": v.fds(), "threads": v.threads(),
+                "conns": v.open_connections()}))
+        finally:
+            v.stop()
+            server.stop()
     return rows
 
 
