@@ -563,6 +563,18 @@ class ProcessTest(unittest.TestCase):
 
 class IniProxiesTest(unittest.TestCase):
 
+    def test_the_readme_example(self):
+        from tests.test_plugins import readme_files
+        text = readme_files()['two-proxies.ini']
+        with support.temp_dir() as folder:
+            ini = support.write(os.path.join(folder, 'v.ini'), text)
+            settings, options, args = vaurien.load_settings(['--config',
+                                                             ini])
+        self.assertEqual(settings['backend'], 'localhost:6379')
+        (name, values), = args.proxy_sections
+        self.assertEqual((name, values['backend'], values['delay.sleep']),
+                         ('slow-db', 'localhost:5432', '0.3'))
+
     def test_proxy_sections_and_their_names(self):
         with support.EchoServer() as echo, support.temp_dir() as folder:
             http_port = support.free_port()
