@@ -5105,7 +5105,15 @@ class Proxies(object):
         with self._lock:
             if name in self._proxies:
                 raise ToxicError('proxy already exists', 409, 'name')
-            address = _go_listen(listen) if enabled else ('127.0.0.1', 0)
+            if enabled:
+                address = _go_listen(listen)
+            else:
+                # Toxiproxy reads the listen address when it first
+                # listens (see _enable): till then it shows it as given
+                try:
+                    address = _go_listen(listen)
+                except ToxicError:
+                    address = ('127.0.0.1', 0)
             try:
                 server = ProxyServer(
                     address, upstream, protocol=protocol, behavior=behavior,
@@ -5114,9 +5122,8 @@ class Proxies(object):
                     listen=enabled, **self.settings)
             except OSError as exc:
                 raise ToxicError(_go_bind_error(address, exc), 500)
-            server.listen_given = listen
             if not enabled:
-                server.listen_address = None
+                server._listen_shown = listen
             return self.add(server, enabled)
 
     def remove(self, name):
@@ -5138,9 +5145,9 @@ class Proxies(object):
                 if _resolved(address) != _resolved(server.address):
                     was = server.enabled
                     server.disable()
-                    server.listen_given = listen
                     server.server_address = address
-                    server.listen_address = None
+                    # shown as given until it listens (Toxiproxy's Listen)
+                    server._listen_shown = listen
                     if was:
                         self._enable(server)
             if upstream is not None and upstream != server.upstream:
@@ -5154,6 +5161,9 @@ class Proxies(object):
         return server
 
     def _enable(self, server):
+        """Listen where the proxy shows (Toxiproxy's start reads its
+        Listen then: as given, or where it last listened)."""
+        server.server_address = _go_listen(server.listen)
         try:
             server.enable()
         except OSError as exc:
