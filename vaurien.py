@@ -4598,7 +4598,9 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         toxiproxy = server.toxiproxy
         if toxiproxy is not None and server.serves_toxiproxy(self.path):
             return self._toxiproxy_call(toxiproxy)
-        refusal = self._refusal()
+        # Toxiproxy's clients ask vaurien.py server its /version too
+        refusal = self._refusal(toxiproxy=server.toxiproxy_first and
+                                self.path.split('?', 1)[0] == '/version')
         if refusal is not None:
             self.close_connection = True
             return refusal
@@ -4613,7 +4615,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(found, _Reply):       # no such route: no refusal
             self.close_connection = True
             return found.status, found
-        refusal = self._refusal()
+        refusal = self._refusal(toxiproxy=True)
         if refusal is not None:
             self.close_connection = True
             status, answer = refusal
@@ -4778,14 +4780,19 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         self._read_fields()     # trailer fields: read, not used
         return b''.join(chunks)
 
-    def _refusal(self):
+    def _refusal(self, toxiproxy=False):
         """Requests a web page could make (forged against localhost from a
-        browser) are refused; so are requests without the token."""
+        browser) are refused; so are requests without the token.
+
+        A request of Toxiproxy's clients (*toxiproxy*) is a browser's by
+        its Origin or User-Agent only: Node's fetch sends Sec-Fetch-Mode
+        on every request, toxiproxy-node-client's included, and a
+        browser's User-Agent starts with Mozilla/ anyway."""
         headers = self.headers
         agent = headers.get('User-Agent', '')
         if (headers.get('Origin') is not None or agent.startswith('Mozilla/')
-                or any(name.lower().startswith('sec-fetch-')
-                       for name in headers.keys())):
+                or not toxiproxy and any(name.lower().startswith('sec-fetch-')
+                                         for name in headers.keys())):
             return 403, _error('header', 'Origin', 'requests from web '
                                'browsers are refused: use curl, a script or '
                                'vaurien.Client')
