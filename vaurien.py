@@ -1938,6 +1938,11 @@ class Toxic(object):
         values = _options_in_force(self.behavior)
         fields = TOXIPROXY_TYPES.get(self.type)
         if fields is not None:
+            # Toxiproxy echoes its fields as it read them (see
+            # _toxiproxy_options: the behavior may act on a value close by)
+            values = dict(values)
+            values.update((name, value) for name, value in
+                          self.attributes.items() if name in fields[1])
             names = list(fields[1]) + sorted(
                 name for name in self.attributes if name not in fields[1])
         else:
@@ -2085,6 +2090,7 @@ def make_toxic(server, data, toxics=None, old=None):
         # Toxiproxy's defaults: every field it lists is 0 unless given
         options = dict((key, 0) for key in fields[1])
         options.update(attributes)
+        _toxiproxy_options(type_, options)
     else:
         options = dict(attributes)
     if type_ == 'noop':
@@ -2106,6 +2112,21 @@ def make_toxic(server, data, toxics=None, old=None):
             old.behavior.update_settings(behavior.settings)
             behavior = old.behavior
     return Toxic(name, type_, stream, float(toxicity), behavior, attributes)
+
+
+def _toxiproxy_options(type_, options):
+    """Where Toxiproxy's toxic takes a value its vaurien behavior does not,
+    the nearest one the behavior takes, in *options*.
+
+    Toxiproxy's slicer takes a size_variation as large as average_size
+    (it never cuts an empty slice: toxiproxy-node-client's own tests add
+    1000 and 1000); vaurien's draws sizes from average_size -
+    size_variation up, and wants it below, so it gets one byte less."""
+    if type_ == 'slicer':
+        average = options.get('average_size')
+        if isinstance(average, (int, float)) and average >= 1 and \
+                options.get('size_variation') == average:
+            options['size_variation'] = average - 1
 
 
 def _go_struct(type_):
