@@ -1938,6 +1938,11 @@ class Toxic(object):
         values = _options_in_force(self.behavior)
         fields = TOXIPROXY_TYPES.get(self.type)
         if fields is not None:
+            # Toxiproxy echoes its fields as it read them (see
+            # _toxiproxy_options: the behavior may act on a value close by)
+            values = dict(values)
+            values.update((name, value) for name, value in
+                          self.attributes.items() if name in fields[1])
             names = list(fields[1]) + sorted(
                 name for name in self.attributes if name not in fields[1])
         else:
@@ -2089,6 +2094,7 @@ def make_toxic(server, data, toxics=None, old=None):
         options = dict((key, 0) for key in fields[1]
                        if _zero_is_valid(_option_spec(table[key])[3]))
         options.update(attributes)
+        _toxiproxy_options(type_, options)
     else:
         options = dict(attributes)
     if type_ == 'noop':
@@ -2117,6 +2123,21 @@ def _zero_is_valid(choices):
     None) may be 0."""
     problem = getattr(choices, 'problem', None)
     return problem(0) is None if problem else choices is None or 0 in choices
+
+
+def _toxiproxy_options(type_, options):
+    """Where Toxiproxy's toxic takes a value its vaurien behavior does not,
+    the nearest one the behavior takes, in *options*.
+
+    Toxiproxy's slicer takes a size_variation as large as average_size
+    (it never cuts an empty slice: toxiproxy-node-client's own tests add
+    1000 and 1000); vaurien's draws sizes from average_size -
+    size_variation up, and wants it below, so it gets one byte less."""
+    if type_ == 'slicer':
+        average = options.get('average_size')
+        if isinstance(average, (int, float)) and average >= 1 and \
+                options.get('size_variation') == average:
+            options['size_variation'] = average - 1
 
 
 def _go_struct(type_):
@@ -4609,7 +4630,9 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         toxiproxy = server.toxiproxy
         if toxiproxy is not None and server.serves_toxiproxy(self.path):
             return self._toxiproxy_call(toxiproxy)
-        refusal = self._refusal()
+        # Toxiproxy's clients ask vaurien.py server its /version too
+        refusal = self._refusal(toxiproxy=server.toxiproxy_first and
+                                self.path.split('?', 1)[0] == '/version')
         if refusal is not None:
             self.close_connection = True
             return refusal
@@ -4624,7 +4647,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(found, _Reply):       # no such route: no refusal
             self.close_connection = True
             return found.status, found
-        refusal = self._refusal()
+        refusal = self._refusal(toxiproxy=True)
         if refusal is not None:
             self.close_connection = True
             status, answer = refusal
@@ -4789,14 +4812,19 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         self._read_fields()     # trailer fields: read, not used
         return b''.join(chunks)
 
-    def _refusal(self):
+    def _refusal(self, toxiproxy=False):
         """Requests a web page could make (forged against localhost from a
-        browser) are refused; so are requests without the token."""
+        browser) are refused; so are requests without the token.
+
+        A request of Toxiproxy's clients (*toxiproxy*) is a browser's by
+        its Origin or User-Agent only: Node's fetch sends Sec-Fetch-Mode
+        on every request, toxiproxy-node-client's included, and a
+        browser's User-Agent starts with Mozilla/ anyway."""
         headers = self.headers
         agent = headers.get('User-Agent', '')
         if (headers.get('Origin') is not None or agent.startswith('Mozilla/')
-                or any(name.lower().startswith('sec-fetch-')
-                       for name in headers.keys())):
+                or not toxiproxy and any(name.lower().startswith('sec-fetch-')
+                                         for name in headers.keys())):
             return 403, _error('header', 'Origin', 'requests from web '
                                'browsers are refused: use curl, a script or '
                                'vaurien.Client')
@@ -5116,7 +5144,15 @@ class Proxies(object):
         with self._lock:
             if name in self._proxies:
                 raise ToxicError('proxy already exists', 409, 'name')
-            address = _go_listen(listen) if enabled else ('127.0.0.1', 0)
+            if enabled:
+                address = _go_listen(listen)
+            else:
+                # Toxiproxy reads the listen address when it first
+                # listens (see _enable): till then it shows it as given
+                try:
+                    address = _go_listen(listen)
+                except ToxicError:
+                    address = ('127.0.0.1', 0)
             try:
                 server = ProxyServer(
                     address, upstream, protocol=protocol, behavior=behavior,
@@ -5125,9 +5161,8 @@ class Proxies(object):
                     listen=enabled, **self.settings)
             except OSError as exc:
                 raise ToxicError(_go_bind_error(address, exc), 500)
-            server.listen_given = listen
             if not enabled:
-                server.listen_address = None
+                server._listen_shown = listen
             return self.add(server, enabled)
 
     def remove(self, name):
@@ -5149,9 +5184,9 @@ class Proxies(object):
                 if _resolved(address) != _resolved(server.address):
                     was = server.enabled
                     server.disable()
-                    server.listen_given = listen
                     server.server_address = address
-                    server.listen_address = None
+                    # shown as given until it listens (Toxiproxy's Listen)
+                    server._listen_shown = listen
                     if was:
                         self._enable(server)
             if upstream is not None and upstream != server.upstream:
@@ -5165,6 +5200,9 @@ class Proxies(object):
         return server
 
     def _enable(self, server):
+        """Listen where the proxy shows (Toxiproxy's start reads its
+        Listen then: as given, or where it last listened)."""
+        server.server_address = _go_listen(server.listen)
         try:
             server.enable()
         except OSError as exc:
