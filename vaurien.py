@@ -4630,9 +4630,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         toxiproxy = server.toxiproxy
         if toxiproxy is not None and server.serves_toxiproxy(self.path):
             return self._toxiproxy_call(toxiproxy)
-        # Toxiproxy's clients ask vaurien.py server its /version too
-        refusal = self._refusal(toxiproxy=server.toxiproxy_first and
-                                self.path.split('?', 1)[0] == '/version')
+        refusal = self._refusal()
         if refusal is not None:
             self.close_connection = True
             return refusal
@@ -4658,8 +4656,9 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             else:
                 reply = api.error(status,
                                   answer['errors'][0]['description'])
-            return reply.status, reply
-        reply = api.call(self.command, self.path, self._read_body())
+        else:
+            reply = api.call(self.command, self.path, self._read_body())
+        # a matched route's answer carries a request id, refusals too
         reply.headers.append(('X-Toxiproxy-Request-Id', _request_id()))
         return reply.status, reply
 
@@ -4985,8 +4984,12 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         endpoints do not collide)."""
         if self.toxiproxy.owns(path):
             return True
-        return self.toxiproxy_first and path.split('?', 1)[0].rstrip(
-            '/') not in self.controller.routes
+        # vaurien.py server answers /version as Toxiproxy does (its
+        # clients read it), with vaurien's version
+        path = path.split('?', 1)[0]
+        return self.toxiproxy_first and (
+            path == '/version' or path.rstrip('/') not in
+            self.controller.routes)
 
     def get_request(self):
         """Replaces the base method: a new connection's first request goes
@@ -5392,6 +5395,7 @@ class ToxiproxyAPI(object):
             'GET': 'toxic', 'POST': 'update_toxic', 'PATCH': 'update_toxic',
             'DELETE': 'remove_toxic'}),
         (('metrics',), None),       # any method
+        (('version',), {'GET': 'version'}),     # vaurien.py server's
     )
 
     def __init__(self, proxies):
@@ -5433,6 +5437,11 @@ class ToxiproxyAPI(object):
             return getattr(self, name)(body, *args)
         except ToxicError as exc:
             return self.error(exc.status, str(exc))
+
+    @staticmethod
+    def version(body):
+        return _Reply(200, b'{"version": "%s"}\n' % __version__.encode(),
+                      [('Content-Type', 'application/json;charset=utf-8')])
 
     @staticmethod
     def error(status, message):

@@ -95,6 +95,10 @@ class ApiTest(ApiTestCase):
         status, headers, body = self.api.call('GET', '/version')
         self.assertEqual((status, body), (200, (
             '{"version": "%s"}\n' % vaurien.__version__).encode()))
+        self.assertEqual(headers['Content-Type'],
+                         'application/json;charset=utf-8')
+        self.assertEqual(len(headers['X-Toxiproxy-Request-Id']), 20)
+        self.assertEqual(self.api.call('HEAD', '/version')[0], 405)
         status, headers, body = self.api.call('GET', '/proxies')
         self.assertEqual((status, body), (200, b'{}'))
         self.assertEqual(len(headers['X-Toxiproxy-Request-Id']), 20)
@@ -164,6 +168,10 @@ class ApiTest(ApiTestCase):
         self.assertNotIn('Content-Type', headers)
         status, headers, body = self.api.call(
             'GET', '/proxies', headers={'User-Agent': 'Mozilla/5.0'})
+        self.assertEqual((status, body), (403, b'User agent not allowed\n'))
+        self.assertEqual(len(headers['X-Toxiproxy-Request-Id']), 20)
+        status, headers, body = self.api.call(
+            'GET', '/version', headers={'User-Agent': 'Mozilla/5.0'})
         self.assertEqual((status, body), (403, b'User agent not allowed\n'))
 
     def test_toxics(self):
