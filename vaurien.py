@@ -2204,8 +2204,12 @@ class _Statsd(object):
                                 self._tail)).encode('ascii')
         try:
             self.sock.sendto(line, self.address)
-        except OSError:
+        except OSError:     # closed too: a connection ending after stop
             pass
+
+    def close(self):
+        if self.enabled:
+            self.sock.close()
 
 
 class ProxyServer(socketserver.ThreadingTCPServer):
@@ -6526,6 +6530,7 @@ def serve(proxies, control=None, spare_cpus=()):
             server._stop_request.set()
         for server in servers:
             server._stopped.wait(1)
+            server.statsd.close()
         if control is not None:
             # wake its loop now rather than at its next poll
             with contextlib.suppress(OSError):

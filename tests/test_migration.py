@@ -409,6 +409,7 @@ class OneXConfigurationTest(unittest.TestCase):
         self.addCleanup(stats.close)
         client = vaurien._Statsd('127.0.0.1', stats.getsockname()[1],
                                  'v', sample_rate=0.25)
+        self.addCleanup(client.close)
         for _ in range(800):
             client.incr('x')
         stats.settimeout(0.5)

@@ -411,6 +411,7 @@ class StatsdTest(unittest.TestCase):
             udp.settimeout(5)
             statsd = vaurien._Statsd('127.0.0.1', udp.getsockname()[1],
                                      'chaos')
+            self.addCleanup(statsd.close)
             with support.EchoServer() as echo, \
                     support.Proxy(echo.address, statsd=statsd,
                                   behavior='delay',
