@@ -3,11 +3,15 @@
 
     python3 bench/run.py [--rounds N] [--only WORKLOAD[,..]] [--quick]
                          [--proxy-cmd CMD] [--connections N | --10k]
+                         [--toxiproxy PATH]
 
 Starts iperf3, redis-server, nginx and a Python echo server on free
 loopback ports (state in a temporary directory), then runs each workload
 directly, through socat and through vaurien (plus vaurien variants),
 interleaving the variants inside each round, and prints a table of medians.
+Two variants are servers of Toxiproxy's API (`vaurien.py server`, and
+Toxiproxy itself when TOXIPROXY_BIN or --toxiproxy names its binary): the
+proxy is made through that API, with one latency toxic of 0 ms.
 The table is also written to bench/results-latest.txt.  See bench/README.txt.
 
 Run by hand, never in CI.  Standard library only (Python 3.8+).
@@ -16,6 +20,7 @@ import argparse
 import csv
 import datetime
 import grp
+import http.client
 import io
 import json
 import os
@@ -70,7 +75,7 @@ PROCS = []
 
 
 def spawn(cmd, log_path=None, stdin=subprocess.DEVNULL,
-          stdout=None, stderr=None, cwd=None):
+          stdout=None, stderr=None, cwd=None, env=None):
     if log_path is not None:
         log = open(log_path, "ab")
         stdout = stdout if stdout is not None else log
@@ -81,7 +86,7 @@ def spawn(cmd, log_path=None, stdin=subprocess.DEVNULL,
         stderr = stderr if stderr is not None else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout,
-                                stderr=stderr, cwd=cwd,
+                                stderr=stderr, cwd=cwd, env=env,
                                 start_new_session=True)
     finally:
         if log is not None:
@@ -199,6 +204,69 @@ def log_tail(path, lines=5):
         data = f.read()[-4000:].decode("utf-8", "replace")
     tail = [l for l in data.splitlines() if l.strip()][-lines:]
     return ("; log %s:\n    " % path + "\n    ".join(tail)) if tail else ""
+
+
+# --------------------------------------------------------------------------
+# Toxiproxy's API: how the server variants get their proxy
+
+# the toxic every server variant's proxy has: it costs what a toxic in the
+# path costs, and delays nothing
+LATENCY_0 = {"name": "latency0", "type": "latency", "stream": "downstream",
+             "attributes": {"latency": 0, "jitter": 0}}
+
+
+def toxiproxy_call(api_port, method, path, body=None, timeout=10.0):
+    """One call of a Toxiproxy API on 127.0.0.1:*api_port*, on a new
+    connection: (status, the JSON answer or None)."""
+    conn = http.client.HTTPConnection(HOST, api_port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data,
+                     headers={"User-Agent": "vaurien-bench"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw.decode("utf-8")) if raw else None
+    except ValueError:
+        return resp.status, None
+
+
+def toxiproxy_proxy(api_port, name, listen, upstream, toxics=()):
+    """Create proxy *name* (POST /proxies) with *toxics* (POST each);
+    returns where it listens, read back.  BenchError when the server says
+    no."""
+    status, answer = toxiproxy_call(api_port, "POST", "/proxies", {
+        "name": name, "listen": listen, "upstream": upstream,
+        "enabled": True})
+    if status != 201 or not answer:
+        raise BenchError("POST /proxies: HTTP %s %s" % (status, answer))
+    for toxic in toxics:
+        got, reply = toxiproxy_call(api_port, "POST",
+                                    "/proxies/%s/toxics" % name, toxic)
+        if got != 200:
+            raise BenchError("POST /proxies/%s/toxics: HTTP %s %s"
+                             % (name, got, reply))
+    return answer["listen"]
+
+
+def toxiproxy_bin(path=None):
+    """The Toxiproxy server binary to compare with: *path*, else
+    $TOXIPROXY_BIN; None when neither names one."""
+    path = path or os.environ.get("TOXIPROXY_BIN") or None
+    if path and not os.access(path, os.X_OK):
+        path = shutil.which(path)
+    return path
+
+
+def toxiproxy_env():
+    """Toxiproxy logs every request at debug level unless LOG_LEVEL says
+    otherwise: warn, as the vaurien variants run with --log-level
+    warning."""
+    env = dict(os.environ)
+    env["LOG_LEVEL"] = "warn"
+    return env
 
 
 # --------------------------------------------------------------------------
@@ -657,10 +725,14 @@ BACKENDS = {"echo": EchoBackend, "iperf3": IperfBackend,
 # variants (direct, socat, vaurien...)
 
 class Variant:
-    def __init__(self, name, argv_fn, proto=None):
+    def __init__(self, name, argv_fn, proto=None, api=False, env=None):
         self.name = name
         self.argv_fn = argv_fn  # (listen_port, backend_port) -> argv | None
         self.proto = proto      # only for workloads speaking this protocol
+        # a Toxiproxy API server: argv_fn gets the API's port instead, and
+        # the proxy is made through that API (see measure)
+        self.api = api
+        self.env = env
 
     def applies(self, wl):
         return self.proto is None or self.proto == wl.proto
@@ -668,6 +740,11 @@ class Variant:
     @property
     def is_vaurien(self):
         return self.name.startswith("vaurien")
+
+    @property
+    def is_proxy(self):
+        """A proxy compared with socat (vaurien's variants, Toxiproxy)."""
+        return self.argv_fn is not None and self.name != "socat"
 
 
 def protocols_listed(listing):
@@ -726,6 +803,18 @@ def build_variants(args, notes):
         return argv
 
     variants.append(Variant("vaurien", make([])))
+    if template is None:
+        variants.append(Variant("vaurien-server", lambda api, b: prefix + [
+            "server", "-host", HOST, "-port", str(api),
+            "--log-level", "warning"], api=True))
+    toxiproxy = toxiproxy_bin(args.toxiproxy)
+    if toxiproxy:
+        variants.append(Variant("toxiproxy", lambda api, b: [
+            toxiproxy, "-host", HOST, "-port", str(api)], api=True,
+            env=toxiproxy_env()))
+    elif args.toxiproxy or os.environ.get("TOXIPROXY_BIN"):
+        notes.append("no Toxiproxy binary at %s: toxiproxy variant skipped"
+                     % (args.toxiproxy or os.environ.get("TOXIPROXY_BIN")))
     for label, path in args.compare:
         # another vaurien.py (a worktree of main...), plain, side by side
         variants.append(Variant("vaurien@" + label, lambda p, b, path=path: [
@@ -774,12 +863,17 @@ def measure(ctx, wl, variant, rnd):
             port = backend.port
         else:
             port = free_port()
-            argv = variant.argv_fn(port, backend.port)
+            api_port = free_port() if variant.api else None
+            argv = variant.argv_fn(api_port or port, backend.port)
             log = os.path.join(ctx.tmp, "logs", "proxy-%s-%s-r%d.log" % (
                 variant.name, wl.name, rnd))
             with open(log, "ab") as f:
                 f.write(("$ %s\n" % shlex.join(argv)).encode())
-            proxy = spawn(argv, log_path=log)
+            proxy = spawn(argv, log_path=log, env=variant.env)
+            if variant.api:
+                wait_listen(api_port, proxy, 20, variant.name + " API", log)
+                toxiproxy_proxy(api_port, "bench", "%s:%d" % (HOST, port),
+                                "%s:%d" % (HOST, backend.port), [LATENCY_0])
             wait_listen(port, proxy, 20, variant.name, log)
             cpu0 = cpu_seconds(proxy.pid)
         try:
@@ -965,6 +1059,11 @@ def table(ctx):
             spread = (None if not vals or not med else
                       (max(vals) - min(vals)) / 2 / med * 100)
             note = notes_for(wl, v.name, runs, direct)
+            tmed = median_of(ctx.results.get((wl.name, "toxiproxy"), []),
+                             "value")
+            if v.name == "vaurien-server" and med and tmed:
+                note = "%.2fx toxiproxy" % (med / tmed) + (
+                    ", " + note if note else "")
             busy = sum(r.get("busy", 0) for r in runs)
             if busy:
                 note = (note + ", " if note else "") + \
@@ -976,7 +1075,7 @@ def table(ctx):
                 title if first else "", v.name, fmt(med),
                 wl.unit,
                 "%.3f" % (med / dmed) if med and dmed else "-",
-                "%.3f" % (med / smed) if (v.is_vaurien and med and smed)
+                "%.3f" % (med / smed) if (v.is_proxy and med and smed)
                 else "-",
                 fmt(median_of(runs, "cpu_s")) if v.argv_fn else "-",
                 "%.0f" % spread if spread is not None else "-",
@@ -988,7 +1087,10 @@ def table(ctx):
 LEGEND = """\
 median: median over rounds (higher is better; conn/s = N / time to open N
   connections and get every unique payload echoed).  /direct: median / the
-  direct median.  v/socat: vaurien variant median / socat median.  cpu s:
+  direct median.  v/socat: a proxy's median (vaurien variants, toxiproxy)
+  / socat median.  vaurien-server, toxiproxy: a proxy made through
+  Toxiproxy's API, with one latency toxic of 0 ms; "Nx toxiproxy": the
+  vaurien-server median / the toxiproxy median.  cpu s:
   user+sys CPU seconds of the proxy process (threads, children) from the
   start of the workload until the proxy is quiet again (at most 5 s after
   the load ends; "busy>5s after k/n": not quiet by then), median.  +-%:
@@ -1046,6 +1148,9 @@ def main(argv=None):
                         "(default 3000, 1000 with --quick)")
     parser.add_argument("--10k", dest="ten_k", action="store_true",
                         help="hold 10000 connections")
+    parser.add_argument("--toxiproxy", default=None, metavar="PATH",
+                        help="Toxiproxy server binary, run as variant "
+                        "toxiproxy (default: $TOXIPROXY_BIN)")
     parser.add_argument("--output", default=RESULTS,
                         help="where to write the report (default "
                         "bench/results-latest.txt)")
@@ -1132,6 +1237,9 @@ def main(argv=None):
         for v in ctx.variants:
             if v.argv_fn:
                 print("  %-14s $ %s" % (v.name, shlex.join(v.argv_fn(0, 0))))
+                if v.api:
+                    print("  %-14s   then POST /proxies, POST /proxies/bench"
+                          "/toxics %s" % ("", json.dumps(LATENCY_0)))
         print("temp dir: %s" % ctx.tmp)
 
         ctx.backends = {}

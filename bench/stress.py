@@ -3,6 +3,7 @@
 
     python3 bench/stress.py [--vaurien PATH] [--only CASE[,CASE]]
                             [--repeat N] [--quick] [--keep-tmp]
+                            [--toxiproxy PATH]
 
 Each case starts what it needs (vaurien.py in a subprocess on free ports,
 Python backends in threads, bench/echo_server.py, redis-server, nginx),
@@ -456,18 +457,22 @@ def echo_round_trips(address, count=50, timeout=10.0):
 # case 1: api-latency
 
 API_TIMEOUT = 20.0
-API_REQUESTS = [("GET", "/stats", None), ("GET", "/behavior", None),
-                ("PUT", "/behavior", b'{"name": "dummy"}')]
+# (what the table calls it, method, path, body, the status that answers it)
+API_REQUESTS = [("GET /stats", "GET", "/stats", None, 200),
+                ("GET /behavior", "GET", "/behavior", None, 200),
+                ("PUT /behavior", "PUT", "/behavior", b'{"name": "dummy"}',
+                 200)]
 
 
-def _api_client(port, keep_alive, end, out):
-    """GET /stats, GET /behavior, PUT /behavior in a loop until *end*;
-    each request's time goes to out["lat"] (connecting included when each
-    request has its own connection)."""
+def _api_client(port, keep_alive, end, out, requests=API_REQUESTS):
+    """*requests* (default GET /stats, GET /behavior, PUT /behavior) in a
+    loop until *end*; each request's time goes to out["lat"] and to
+    out["calls"][its name] (connecting included when each request has its
+    own connection)."""
     conn = None
     i = 0
     while monotonic() < end:
-        method, path, body = API_REQUESTS[i % len(API_REQUESTS)]
+        call, method, path, body, wanted = requests[i % len(requests)]
         i += 1
         start = time.perf_counter()
         try:
@@ -479,8 +484,9 @@ def _api_client(port, keep_alive, end, out):
             resp = conn.getresponse()
             resp.read()
             elapsed = time.perf_counter() - start
-            if resp.status == 200:
+            if resp.status == wanted:
                 out["lat"].append(elapsed)
+                out["calls"].setdefault(call, []).append(elapsed)
             else:
                 out["errors"].append("HTTP %d" % resp.status)
             if not keep_alive or resp.will_close:
@@ -500,25 +506,30 @@ def _api_client(port, keep_alive, end, out):
         conn.close()
 
 
-def _api_round(port, clients, seconds):
+def _api_round(port, clients, seconds, requests=None):
     """*clients* API clients for *seconds*: half on a new connection per
-    request, half on one keep-alive connection.  {mode: results}."""
+    request, half on one keep-alive connection.  *requests(i)*: client
+    i's requests (default API_REQUESTS).  {mode: results}."""
     end = monotonic() + seconds
     results = {}
     threads = []
     for i in range(clients):
         mode = "keep-alive" if i % 2 else "new connection"
-        out = results.setdefault(mode, {"lat": [], "timeouts": 0,
-                                        "errors": []})
+        out = results.setdefault(mode, {"lat": [], "calls": {},
+                                        "timeouts": 0, "errors": []})
         threads.append(_start(_api_client, port, mode == "keep-alive", end,
-                              out))
+                              out, requests(i) if requests else
+                              API_REQUESTS))
     stuck = _join(threads, end + API_TIMEOUT + 10)
     for out in results.values():
         out["stuck"] = stuck
     return results
 
 
-def _api_rows(label, results, stream_mbs=None, note=""):
+def _api_rows(label, results, stream_mbs=None, note="", calls=()):
+    """Two rows (new connection, keep-alive) of *results*; *calls*:
+    (call name, column prefix) pairs that get a p50 and a p99 column
+    each."""
     rows = []
     for mode in ("new connection", "keep-alive"):
         out = results[mode]
@@ -530,14 +541,42 @@ def _api_rows(label, results, stream_mbs=None, note=""):
                 "%s x%d" % kv for kv in kinds.most_common(3)))
         if out["stuck"]:
             notes.append("%d clients still stuck at the end" % out["stuck"])
-        rows.append(Row("%s, %s" % (label, mode), {
+        values = {
             "requests": len(lat),
             "p50": percentile(lat, 0.50) * 1e3 if lat else None,
             "p99": percentile(lat, 0.99) * 1e3 if lat else None,
             "max": lat[-1] * 1e3 if lat else None,
             "timeouts": out["timeouts"], "errors": len(out["errors"]),
-            "streams": stream_mbs}, notes))
+            "streams": stream_mbs}
+        for call, key in calls:
+            times = sorted(out["calls"].get(call, ()))
+            for fraction, suffix in ((0.50, "50"), (0.99, "99")):
+                values[key + suffix] = percentile(times, fraction) * 1e3 \
+                    if times else None
+        rows.append(Row("%s, %s" % (label, mode), values, notes))
     return rows
+
+
+def _streaming_round(ctx, address, api_port, requests=None):
+    """An _api_round on *api_port* while cfg["api_streams"] connections
+    stream to *address* as fast as they can: (results, streams MB/s, a
+    note when the streams fell short)."""
+    cfg = ctx.cfg
+    blaster = Blaster(ctx, address, cfg["api_streams"], cfg["api_s"] + 60)
+    info = blaster.ready()
+    time.sleep(1.0)     # the streams up to speed before we measure
+    results = _api_round(api_port, cfg["api_clients"], cfg["api_s"],
+                         requests)
+    rate, note = None, ""
+    try:
+        done = blaster.finish()
+        rate = (done["sent"] + done["received"]) / MB / done["seconds"]
+        if info["connected"] < cfg["api_streams"] or done["errors"]:
+            note = "streams: %d of %d connected, %d errors" % (
+                info["connected"], cfg["api_streams"], done["errors"])
+    except (StressError, harness.BenchError) as exc:
+        note = "streams: %s" % exc
+    return results, rate, note
 
 
 def case_api_latency(ctx):
@@ -548,20 +587,7 @@ def case_api_latency(ctx):
     try:
         results = _api_round(v.http_port, cfg["api_clients"], cfg["api_s"])
         rows += _api_rows("no traffic", results)
-        blaster = Blaster(ctx, v.address, cfg["api_streams"],
-                          cfg["api_s"] + 60)
-        info = blaster.ready()
-        time.sleep(1.0)     # the streams up to speed before we measure
-        results = _api_round(v.http_port, cfg["api_clients"], cfg["api_s"])
-        rate, note = None, ""
-        try:
-            done = blaster.finish()
-            rate = (done["sent"] + done["received"]) / MB / done["seconds"]
-            if info["connected"] < cfg["api_streams"] or done["errors"]:
-                note = "streams: %d of %d connected, %d errors" % (
-                    info["connected"], cfg["api_streams"], done["errors"])
-        except (StressError, harness.BenchError) as exc:
-            note = "streams: %s" % exc
+        results, rate, note = _streaming_round(ctx, v.address, v.http_port)
         rows += _api_rows("%d streams" % cfg["api_streams"], results, rate,
                           note)
         if not v.alive():
@@ -1349,6 +1375,124 @@ def case_http_holding(ctx):
 
 
 # --------------------------------------------------------------------------
+# case 9: toxiproxy-api
+
+# the calls of a Toxiproxy user's test: (the table's name, column prefix)
+TOXI_CALLS = [("GET /proxies", "get"), ("POST toxics", "post"),
+              ("DELETE toxics", "del")]
+# the toxics the streams go through: they cost what a toxic in the path
+# costs, and delay nothing
+STREAM_TOXICS = [
+    {"name": "latency_down", "type": "latency", "stream": "downstream",
+     "attributes": {"latency": 0}},
+    {"name": "latency_up", "type": "latency", "stream": "upstream",
+     "attributes": {"latency": 0}}]
+
+
+def _toxi_requests(i):
+    """Client i's loop: list the proxies, add its own toxic (a latency of
+    0 ms) to the streaming proxy, remove it."""
+    body = json.dumps({"name": "client%d" % i, "type": "latency",
+                       "attributes": {"latency": 0}}).encode()
+    return [("GET /proxies", "GET", "/proxies", None, 200),
+            ("POST toxics", "POST", "/proxies/stream/toxics", body, 200),
+            ("DELETE toxics", "DELETE", "/proxies/stream/toxics/client%d"
+             % i, None, 204)]
+
+
+class ToxiproxyServer(object):
+    """A server of Toxiproxy's API in a subprocess, its API on a free
+    port: `vaurien.py server` (kind "vaurien"), or Toxiproxy's binary on
+    every CPU ("toxiproxy") or on one, with GOMAXPROCS=1 ("toxiproxy 1
+    CPU", like vaurien's --cpu auto)."""
+
+    def __init__(self, ctx, kind):
+        folder = os.path.join(ctx.tmp, "server-%d" % next(ctx.ids))
+        os.makedirs(folder)
+        self.stderr = os.path.join(folder, "stderr.log")
+        self.api_port = harness.free_port()
+        where = ["-host", HOST, "-port", str(self.api_port)]
+        env = None
+        if kind == "vaurien":
+            cmd = ctx.python + [ctx.vaurien, "server"] + where + [
+                "--log-level", "warning", "--log-output",
+                os.path.join(folder, "vaurien.log")]
+        else:
+            cmd = [ctx.toxiproxy] + where
+            env = harness.toxiproxy_env()
+            if kind != "toxiproxy":
+                cmd = ["taskset", "-c", str(max(ctx.cpus))] + cmd
+                env["GOMAXPROCS"] = "1"
+        self.cmd = cmd
+        self.proc = harness.spawn(cmd, log_path=self.stderr, env=env)
+        self.pid = self.proc.pid
+        harness.wait_listen(self.api_port, self.proc, 20, kind,
+                            self.stderr)
+        ctx.keep_off(self)
+
+    def proxy(self, name, upstream_port, toxics):
+        """Proxy *name* on a free port to *upstream_port*, with *toxics*:
+        the address it listens on."""
+        listen = harness.toxiproxy_proxy(
+            self.api_port, name, "%s:0" % HOST,
+            "%s:%d" % (HOST, upstream_port), toxics)
+        host, _, port = listen.rpartition(":")
+        return (HOST, int(port))
+
+    def remove_client_toxics(self, clients):
+        """Remove what the clients left (a round can end between a POST
+        and its DELETE), so that the next round's streams go through the
+        proxy's own toxics only."""
+        for i in range(clients):
+            harness.toxiproxy_call(self.api_port, "DELETE",
+                                   "/proxies/stream/toxics/client%d" % i,
+                                   timeout=API_TIMEOUT)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        harness.kill(self.proc)
+
+
+def case_toxiproxy_api(ctx):
+    cfg = ctx.cfg
+    echo = ctx.backend(NiceEcho)
+    kinds = ["vaurien"]
+    if ctx.toxiproxy:
+        kinds += ["toxiproxy", "toxiproxy 1 CPU"]
+    rows = []
+    for kind in kinds:
+        label = "vaurien server" if kind == "vaurien" else kind
+        server = ToxiproxyServer(ctx, kind)
+        try:
+            address = server.proxy("stream", echo.port, STREAM_TOXICS)
+            results = _api_round(server.api_port, cfg["api_clients"],
+                                 cfg["api_s"], _toxi_requests)
+            rows += _api_rows("%s, no traffic" % label, results,
+                              calls=TOXI_CALLS)
+            server.remove_client_toxics(cfg["api_clients"])
+            results, rate, note = _streaming_round(
+                ctx, address, server.api_port, _toxi_requests)
+            rows += _api_rows("%s, %d streams" % (label, cfg["api_streams"]),
+                              results, rate, note, TOXI_CALLS)
+            if not server.alive():
+                rows[-1].notes.append("%s died (status %s)"
+                                      % (label, server.proc.returncode))
+        finally:
+            server.stop()
+            # the next server picks its CPUs anew: the tools go back on all
+            ctx.unpin()
+            for proc in harness.PROCS:
+                if proc.poll() is None:
+                    pin_tasks(proc.pid, ctx.cpus)
+    if not ctx.toxiproxy:
+        rows[0].notes.append("Toxiproxy not run: TOXIPROXY_BIN or "
+                             "--toxiproxy names its binary")
+    return rows
+
+
+# --------------------------------------------------------------------------
 # the cases and the table
 
 class Row(object):
@@ -1412,6 +1556,16 @@ CASES = [
          [("answer", "answer ms"), ("closed", "closed ms"),
           ("codes", "status"), ("how", "end")], case_http_holding, 120,
          "answer"),
+    Case("toxiproxy-api", "Toxiproxy's API, 20 clients (GET /proxies, POST "
+         "a toxic, DELETE it), while streams run through a proxy with a "
+         "0 ms latency toxic each way, client timeout 20 s",
+         [("requests", "requests"), ("get50", "GET p50"),
+          ("get99", "GET p99"), ("post50", "POST p50"),
+          ("post99", "POST p99"), ("del50", "DELETE p50"),
+          ("del99", "DELETE p99"), ("max", "max ms"),
+          ("timeouts", "timeouts"), ("errors", "errors"),
+          ("streams", "streams MB/s")], case_toxiproxy_api, 300,
+         "post99"),
 ]
 
 
@@ -1533,6 +1687,9 @@ def header(ctx):
         "vaurien: %s (sha256 %s%s)  python: %s" % (
             ctx.vaurien, digest, ", git " + git if git not in ("", "?")
             else "", version),
+        "toxiproxy: %s" % ("%s (%s)" % (ctx.toxiproxy, sh(
+            [ctx.toxiproxy, "-version"])) if ctx.toxiproxy else
+            "none (TOXIPROXY_BIN unset)"),
         "settings: %s%s" % ("quick" if ctx.quick else "full",
                             ", repeat %d" % ctx.repeat if ctx.repeat > 1
                             else ""),
@@ -1555,6 +1712,7 @@ class Ctx(object):
         self.backends = {}
         self.cpus = os.sched_getaffinity(0)
         self.spare = None
+        self.toxiproxy = harness.toxiproxy_bin(args.toxiproxy)
 
     def keep_off(self, v):
         """vaurien runs on one CPU by default (--cpu auto): keep this
@@ -1615,6 +1773,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="short and small (a smoke test of this "
                         "script; not the review's figures)")
+    parser.add_argument("--toxiproxy", default=None, metavar="PATH",
+                        help="Toxiproxy server binary for the toxiproxy-api "
+                        "case (default: $TOXIPROXY_BIN)")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="also write the report to FILE")
     parser.add_argument("--keep-tmp", action="store_true",
