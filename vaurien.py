@@ -2638,8 +2638,11 @@ class ProxyServer(socketserver.ThreadingTCPServer):
 
     def stop(self):
         """For good: stop accepting, close every connection."""
-        self.shutdown()
+        self._stop_request.set()
+        # the listener's shutdown wakes serve_forever's wait at once,
+        # rather than at its next poll
         self.close_all()
+        self._stopped.wait()
 
     def byte_counts(self):
         """``{('received' or 'sent', 'upstream' or 'downstream'): bytes}``
