@@ -2750,44 +2750,111 @@ class _ApiFirst(object):
     """Lets the control API go first.  From a request's first byte (a new
     API connection's accept) to its answer, and *linger* seconds after
     (the next request of a busy client), connection threads wait at their
-    next step, *pause* seconds at a time, for at most *hold* seconds per
-    request: the API's thread then does not queue for the GIL behind every
-    busy connection at each of its system calls.  Measured under 200 busy
-    streams: p99 of an API call about 1 s without (bench/stress.py,
-    api-latency); the figures with it are in bench/README.txt."""
+    next step, blocked on an event: a blocked thread does not queue for
+    the GIL, so the API's thread does not queue behind every busy
+    connection at each of its system calls.  One waiting thread, the
+    keeper, looks every *linger* seconds whether the API is done and
+    opens for all.  The traffic waits *hold* seconds at most at a time,
+    then runs for *rest* seconds whatever the API does: a client calling
+    the API without pause slows the traffic down, it cannot stop it.
+    Measured under 200 busy streams: p99 of an API call about 1 s without
+    (bench/stress.py, api-latency); the figures with it are in
+    bench/README.txt."""
 
-    pause = 0.02
-    hold = 0.25
-    linger = 0.05
+    hold = 0.2
+    rest = 0.03
+    linger = 0.02
 
     def __init__(self):
         self._lock = threading.Lock()
         self._active = 0
-        #: until when connections give way (0: they do not)
+        self._linger_end = 0.0
+        self._open = threading.Event()
+        self._open.set()
+        self._closed_at = None      # when the traffic began to wait
+        self._rest_end = 0.0        # the traffic's turn lasts until then
+        self._keeper = False
+        #: true while connections must call give_way at their next step
         self.until = 0.0
 
     def enter(self):
         with self._lock:
             self._active += 1
-            self.until = max(self.until, _now() + self.hold)
+            self.until = 1.0
+            if self._closed_at is None and _now() >= self._rest_end:
+                self._close(_now())
+
+    @property
+    def active(self):
+        """How many API requests are under way."""
+        return self._active
 
     def leave(self):
         with self._lock:
-            self._active -= 1
-            if self._active <= 0:
-                self._active = 0
-                self.until = _now() + self.linger
+            self._active = max(0, self._active - 1)
+            if not self._active:
+                self._linger_end = _now() + self.linger
 
     def give_way(self):
-        """Called by connection threads when ``until`` is set."""
-        left = self.until - _now()
-        if left > 0:
-            time.sleep(min(left, self.pause))
-        elif not self._active:
-            self.until = 0.0
+        """Called by connection threads while ``until`` is set: returns
+        once they may go on."""
+        keeper = False
+        while True:
+            with self._lock:
+                if keeper:
+                    self._keeper = keeper = False
+                wait = self._wait()
+                if wait is None:
+                    return
+                if not self._keeper:
+                    self._keeper = keeper = True
+                    wait = min(wait, self.linger)
+            self._open.wait(wait)
+
+    def _wait(self):
+        # (the lock held) how long the traffic must still wait, or None
+        now = _now()
+        if not self._active and now >= self._linger_end:
+            self.until = 0.0            # the API is done
+            self._reopen()
+            return None
+        if self._closed_at is None:
+            if now < self._rest_end:
+                return None             # the traffic's turn
+            self._close(now)
+        left = self._closed_at + self.hold - now
+        if left <= 0:
+            self._reopen()
+            self._rest_end = now + self.rest
+            return None
+        return left
+
+    def _close(self, now):
+        self._closed_at = now
+        self._open.clear()
+
+    def _reopen(self):
+        self._closed_at = None
+        self._open.set()
 
 
 API_FIRST = _ApiFirst()
+
+
+class _Turn(object):
+    """One API request's turn to go first (see _ApiFirst): it ends once,
+    however the request ends."""
+
+    __slots__ = ('live',)
+
+    def __init__(self):
+        self.live = True
+        API_FIRST.enter()
+
+    def end(self):
+        if self.live:
+            self.live = False
+            API_FIRST.leave()
 
 
 class Connection(object):
@@ -4509,14 +4576,14 @@ class _RequestReader(io.RawIOBase):
     # deadline by more than this many seconds
     slack = 0.25
 
-    def __init__(self, sock):
+    def __init__(self, sock, turn=None):
         io.RawIOBase.__init__(self)
         self.sock = sock
         self.deadline = None
         self.received = 0       # bytes since the deadline was set
-        #: whether the connections give way to the request being read
-        #: (see _ApiFirst): from its first byte to its answer
-        self.first_served = False
+        #: the turn of the request being read (see _ApiFirst): from its
+        #: first byte to its answer
+        self.turn = turn
 
     def readable(self):
         return True
@@ -4529,11 +4596,15 @@ class _RequestReader(io.RawIOBase):
         if timeout is None or timeout > left + self.slack:
             self.sock.settimeout(left)
         count = self.sock.recv_into(buffer)
-        if count and not self.first_served:
-            self.first_served = True
-            API_FIRST.enter()       # a request came: it goes first
+        if count and self.turn is None:
+            self.turn = _Turn()     # a request came: it goes first
         self.received += count
         return count
+
+    def end_turn(self):
+        if self.turn is not None:
+            self.turn.end()
+            self.turn = None
 
 
 # the characters of a token (a method, a header name), and the control
@@ -4573,9 +4644,10 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         # the base class's reader has a timeout per read: this one has a
         # deadline per request
         self.rfile.close()
-        self.reader = _RequestReader(self.connection)
         # the server gave way at the accept already: its first request
-        self.reader.first_served = True
+        # takes that turn
+        self.reader = _RequestReader(
+            self.connection, self.server.turns.pop(self.connection, None))
         self.rfile = io.BufferedReader(self.reader)
         self._forget_request()
 
@@ -4590,9 +4662,12 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._handle_one_request()
         finally:
-            if self.reader.first_served:
-                self.reader.first_served = False
-                API_FIRST.leave()
+            self.reader.end_turn()
+
+    def finish(self):
+        # (a subclass's own handle may not have called handle_one_request)
+        self.reader.end_turn()
+        http.server.BaseHTTPRequestHandler.finish(self)
 
     def _handle_one_request(self):
         self.reader.deadline = time.monotonic() + self.timeout
@@ -4967,6 +5042,9 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.token = token or None
         self.active = 0
         self._active_lock = threading.Lock()
+        #: the accept's turn (see _ApiFirst) of each connection whose
+        #: handler has yet to take it
+        self.turns = {}
         self._turned_away = False
         if ':' in address[0]:
             self.address_family = socket.AF_INET6
@@ -5003,8 +5081,17 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         first already (see _ApiFirst: its handler's thread is yet to
         start)."""
         request = http.server.HTTPServer.get_request(self)
-        API_FIRST.enter()
+        self.turns[request[0]] = _Turn()
         return request
+
+    def close_request(self, request):
+        """Replaces the base method: the accept's turn ends with the
+        connection if no handler took it (refused, turned away, no thread,
+        a handler that failed to start)."""
+        turn = self.turns.pop(request, None)
+        if turn is not None:
+            turn.end()
+        http.server.HTTPServer.close_request(self, request)
 
     def process_request(self, request, client_address):
         """Serve the connection in a thread, unless ``max_connections``
@@ -5015,14 +5102,12 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self.active += 1
                 self._turned_away = False
         if full:
-            API_FIRST.leave()
             self._turn_away(request, client_address)
             return
         try:
             socketserver.ThreadingMixIn.process_request(self, request,
                                                         client_address)
         except Exception:       # no thread to be had: the caller closes it
-            API_FIRST.leave()
             self._ended()
             raise
 

@@ -583,6 +583,73 @@ class JsonEverywhereTest(ApiCase):
         self.assertEqual(error['description'], 'Unsupported method: TRACE')
 
 
+class TurnsTest(ApiCase):
+    """The proxy's connections give way to API requests (see _ApiFirst)
+    only while requests are under way: however a request or an API
+    connection ends, its turn ends with it, else the proxy's traffic
+    would crawl from then on."""
+
+    def assertNoTurnLeft(self):
+        deadline = time.time() + support.TIMEOUT
+        while self.control.active and time.time() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(self.control.active, 0)
+        self.assertEqual(vaurien.API_FIRST.active, 0)
+
+    def test_every_way_a_request_ends(self):
+        # answered, kept alive, then closed
+        with support.connect(self.api) as sock:
+            for _ in range(3):
+                sock.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1'
+                             b'\r\n\r\n')
+                self.assertEqual(read_answers(sock, 1)[0][0], 200)
+        # closed before its first byte, and in the middle of a request
+        support.connect(self.api).close()
+        with support.connect(self.api) as sock:
+            sock.sendall(b'GET /hea')
+        # refused as malformed
+        answers = send_raw(self.api, b'BAD\r\n\r\n')
+        self.assertJsonError(answers[0], 400)
+        self.assertNoTurnLeft()
+
+    def test_a_handler_of_its_own(self):
+        class Probe(vaurien.ControlHandler):
+            def handle(self):
+                self.send_error(501, 'Unsupported method', 'TRACE')
+
+        probe = type(self.control)(('127.0.0.1', 0), self.proxy.server)
+        probe.RequestHandlerClass = Probe
+        answers = send_raw(serve(self, probe), b'')
+        self.assertJsonError(answers[0], 501)
+        deadline = time.time() + support.TIMEOUT
+        while probe.active and time.time() < deadline:
+            time.sleep(0.01)
+        self.assertNoTurnLeft()
+
+
+class TurnedAwayTest(ApiCase):
+    """A connection turned away at the cap ends its turn too."""
+
+    server_attributes = {'max_connections': 2}
+    assertNoTurnLeft = TurnsTest.assertNoTurnLeft
+
+    def test_turned_away(self):
+        held = [support.connect(self.api) for _ in range(2)]
+        for sock in held:
+            self.addCleanup(sock.close)
+        deadline = time.time() + support.TIMEOUT
+        while self.control.active < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        with self.assertLogs('vaurien', 'WARNING'):
+            for _ in range(3):
+                answers = send_raw(self.api, b'GET /health HTTP/1.1\r\n'
+                                   b'Host: 127.0.0.1\r\n\r\n')
+                self.assertJsonError(answers[0], 503)
+        for sock in held:
+            sock.close()
+        self.assertNoTurnLeft()
+
+
 class BodyTypesTest(ApiCase):
     """Finding 7: every field of a PUT /behavior body has its type."""
 
