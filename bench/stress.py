@@ -1511,7 +1511,7 @@ class Case(object):
 
 
 CASES = [
-    Case("api-latency", "control API latency, 20 clients (GET /stats, GET "
+    Case("api-latency", "control API latency, {api_clients} clients (GET /stats, GET "
          "/behavior, PUT /behavior), client timeout 20 s",
          [("requests", "requests"), ("p50", "p50 ms"), ("p99", "p99 ms"),
           ("max", "max ms"), ("timeouts", "timeouts"),
@@ -1556,7 +1556,7 @@ CASES = [
          [("answer", "answer ms"), ("closed", "closed ms"),
           ("codes", "status"), ("how", "end")], case_http_holding, 120,
          "answer"),
-    Case("toxiproxy-api", "Toxiproxy's API, 20 clients (GET /proxies, POST "
+    Case("toxiproxy-api", "Toxiproxy's API, {api_clients} clients (GET /proxies, POST "
          "a toxic, DELETE it), while streams run through a proxy with a "
          "0 ms latency toxic each way, client timeout 20 s",
          [("requests", "requests"), ("get50", "GET p50"),
@@ -1629,13 +1629,14 @@ def merge_runs(runs, first):
     return merged
 
 
-def table(results, repeat):
+def table(results, repeat, cfg):
     """One table: per case a title line, its column headers, its rows."""
     lines = []
     width = 46
     for case, runs in results:
         lines.append("")
-        lines.append("%s: %s" % (case.name, case.title))
+        lines.append("%s: %s" % (case.name, case.title.replace(
+            "{api_clients}", str(cfg["api_clients"]))))
         heads = [h for _, h in case.columns]
         widths = [max(len(h), 7) for h in heads]
         rows = merge_runs(runs, case.headline)
@@ -1705,7 +1706,9 @@ class Ctx(object):
         self.python = [args.python]
         self.quick = args.quick
         self.repeat = args.repeat
-        self.cfg = SETTINGS["quick" if args.quick else "full"]
+        self.cfg = dict(SETTINGS["quick" if args.quick else "full"])
+        if args.api_clients:
+            self.cfg["api_clients"] = args.api_clients
         self.tmp = tempfile.mkdtemp(prefix="vaurien-stress-")
         os.makedirs(os.path.join(self.tmp, "logs"))
         self.ids = iter(range(1, 1 << 30))
@@ -1776,6 +1779,10 @@ def main(argv=None):
     parser.add_argument("--toxiproxy", default=None, metavar="PATH",
                         help="Toxiproxy server binary for the toxiproxy-api "
                         "case (default: $TOXIPROXY_BIN)")
+    parser.add_argument("--api-clients", type=int, default=None,
+                        metavar="N", help="API clients of api-latency and "
+                        "toxiproxy-api, half of them on a new connection "
+                        "per call (default 20)")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="also write the report to FILE")
     parser.add_argument("--keep-tmp", action="store_true",
@@ -1860,7 +1867,7 @@ def main(argv=None):
             print("kept %s" % ctx.tmp)
         else:
             shutil.rmtree(ctx.tmp, ignore_errors=True)
-    text = "\n".join(head + table(results, args.repeat) + [
+    text = "\n".join(head + table(results, args.repeat, ctx.cfg) + [
         "", "total run time: %.0f s" % (monotonic() - start)]) + "\n"
     print()
     print(text, end="")
