@@ -2762,7 +2762,7 @@ class _ApiFirst(object):
     bench/README.txt."""
 
     hold = 0.2
-    rest = 0.03
+    rest = 0.02
     linger = 0.02
 
     def __init__(self):
