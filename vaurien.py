@@ -62,6 +62,7 @@ import collections
 import configparser
 import contextlib
 import errno
+import fnmatch
 import hmac
 import http.client
 import http.server
@@ -280,6 +281,10 @@ COMMON_OPTIONS = {
     'clients': ("Apply only to clients from these addresses or networks, "
                 "comma-separated, e.g. 10.0.0.0/8,::1 (empty: every client)",
                 str, ''),
+    'match': ("Apply only to requests that match: patterns separated by |, "
+              "each words with * and ? (INCR | SET | POST /payments*), or "
+              "re: and a regular expression (empty: every request; needs a "
+              "protocol that frames requests)", str, ''),
 }
 _option_tables = {}
 
@@ -304,6 +309,94 @@ def _check_common(cls, values):
         raise ValueError("option 'direction' must be %s: this behavior acts "
                          "on requests" % ' or '.join(cls.directions))
     _parse_networks(values['clients'])
+    if values['match'] and any(
+            getattr(cls, hook, None) is not getattr(Dummy, hook)
+            for hook in ('on_open', 'activate')):
+        raise ValueError("option 'match': this behavior acts before any "
+                         "request (when a connection opens, or on the whole "
+                         "proxy)")
+    RequestMatch.parse(values['match'])
+
+
+class RequestMatch(object):
+    """The option ``match``: which requests a behavior applies to.
+
+    A framed protocol describes each request in a line of text (see
+    ``BaseProtocol.matches_requests``): the Redis command and its
+    arguments, the HTTP request line (its header lines follow, one per
+    line), the SQL statement, the memcache or SMTP command line.  A match
+    is patterns separated by ``|``, any of which may match:
+
+    * words, compared with the request's first words, one for one, with
+      fnmatch's ``*``, ``?`` and ``[...]``: ``COMMIT``, ``SET session:*``,
+      ``POST /payments*``.  The first word (the command) is compared
+      without regard to case, the others as they are.  A request may
+      have more words than the pattern.
+    * ``re:`` and a regular expression, searched in the whole description
+      (it runs to the end of the text, ``|`` included): ``re:^(GET|SET)
+      user:[0-9]+``, ``re:(?im)^X-Chaos: on``.
+    """
+
+    __slots__ = ('text', '_tests')
+
+    def __init__(self, text):
+        self.text = text
+        self._tests = []
+        rest = text
+        while rest.strip():
+            part, bar, tail = rest.partition('|')
+            part = part.strip()
+            if part.startswith('re:'):
+                expression = rest.strip()[3:]
+                try:
+                    self._tests.append(re.compile(expression).search)
+                except re.error as exc:
+                    raise ValueError("option 'match': re:%s is not a regular "
+                                     "expression (%s)" % (expression, exc))
+                break
+            if not part:
+                raise ValueError("option 'match': an empty pattern in %r "
+                                 "(patterns are separated by |)" % text)
+            words = [re.compile(fnmatch.translate(word),
+                                re.IGNORECASE if not index else 0).match
+                     for index, word in enumerate(part.split())]
+            self._tests.append(self._words_test(words))
+            rest = tail
+            if not bar:
+                break
+
+    @staticmethod
+    def _words_test(patterns):
+        count = len(patterns)
+
+        def test(description):
+            words = description.split(None, count)
+            if len(words) < count:
+                return False
+            for pattern, word in zip(patterns, words):
+                if pattern(word) is None:
+                    return False
+            return True
+        return test
+
+    @classmethod
+    def parse(cls, text):
+        """A RequestMatch for *text*, None when it is empty; ValueError
+        when it is malformed."""
+        return cls(text) if text.strip() else None
+
+    def __call__(self, description):
+        """Whether the request *description* (None: not a request the
+        protocol framed) matches."""
+        if description is None:
+            return False
+        for test in self._tests:
+            if test(description):
+                return True
+        return False
+
+    def __repr__(self):
+        return 'RequestMatch(%r)' % self.text
 
 
 def _parse_networks(text):
@@ -977,6 +1070,9 @@ class BaseProtocol(_Configurable):
     #: ``code`` (a Range, or any container that says what it holds when
     #: printed); None: it has no codes, and ignores the option.
     error_codes = None
+    #: whether the protocol describes each request it frames (what the
+    #: option ``match`` compares with: see RequestMatch)
+    matches_requests = False
 
     @classmethod
     def check_behavior(cls, behavior):
@@ -984,6 +1080,10 @@ class BaseProtocol(_Configurable):
         the mix is put in force, at start-up and on each change: raise
         ValueError when this protocol cannot do what the options ask.
         The default refuses an error code outside ``error_codes``."""
+        if behavior.match is not None and not cls.matches_requests:
+            raise ValueError("option 'match' needs a protocol that frames "
+                             "requests (http, redis, memcache, mysql, smtp, "
+                             "postgres), not '%s'" % cls.name)
         codes = cls.error_codes
         if codes is None or not isinstance(behavior, Error):
             return
@@ -1162,7 +1262,7 @@ class Dummy(_Configurable):
     passive, hooks, streams, opens, whole_proxy = False, True, False, False, \
         False
     upstream = downstream = True
-    scope, gated, plan = 'exchange', False, None
+    scope, gated, plan, match = 'exchange', False, None, None
 
     def __init__(self):
         self.settings = {}
@@ -1191,8 +1291,10 @@ class Dummy(_Configurable):
         self.upstream = direction != 'downstream'
         self.downstream = direction != 'upstream'
         self.scope = get('scope', 'exchange')
+        #: the option ``match``, compiled (None: every request)
+        self.match = RequestMatch.parse(get('match', ''))
         self.gated = bool(get('after') or get('every', 1) != 1 or
-                          get('times') or get('clients'))
+                          get('times') or get('clients') or self.match)
         self._networks = _parse_networks(get('clients', ''))
         self.plan = _plan([self])
 
@@ -1261,6 +1363,17 @@ def _plan(parts):
             tuple(part for part in parts if part.streams and
                   part.acts(to_backend)))
     return plan
+
+
+def _matched_text(behavior, text):
+    """*text*, cut to 200 characters, when *behavior* (or one of its
+    parts) took its request by a match: what the decision log records."""
+    if text is None:
+        return None
+    for part in getattr(behavior, 'parts', [behavior]):
+        if part.match is not None:
+            return text[:200]
+    return None
 
 
 def _client_in(connection, networks):
@@ -1946,7 +2059,9 @@ class Toxic(object):
             names = list(fields[1]) + sorted(
                 name for name in self.attributes if name not in fields[1])
         else:
-            names = sorted(type(self.behavior).options)
+            # its own options, and the common ones given (match...)
+            names = sorted(set(type(self.behavior).options).union(
+                self.attributes))
         return dict((name, _json_number(values.get(name, 0)))
                     for name in names)
 
@@ -2431,10 +2546,12 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 self.totals['backend_errors'] += 1
             self._closed_exchanges.update(conn.met())
 
-    def decide(self, conn, number, behavior, request=None, toxic=None):
+    def decide(self, conn, number, behavior, request=None, toxic=None,
+               matched=None):
         """Log a non-dummy decision in one short line, and keep it, with
         every option in force, for GET /decisions.  A *toxic* is decided
-        once per connection: from exchange *number* on, it acts."""
+        once per connection: from exchange *number* on, it acts.
+        *matched* is the request that the behavior's match took."""
         direction, options = _decision_fields(behavior)
         record = {
             'id': next(self._decision_ids),
@@ -2447,6 +2564,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
             'direction': direction,
             'behavior': behavior.name,
             'options': options}
+        if matched is not None:
+            record['matched'] = matched
         if toxic is not None:
             record['toxic'] = toxic.name
             record['stream'] = toxic.stream
@@ -2885,6 +3004,8 @@ class Connection(object):
         #: ``{to_backend: (hooks, streams)}`` of the proxy's toxics acting
         #: on this connection; None: none does
         self.toxic_plan = None
+        #: the toxics' behaviors in toxic_plan, when one has a match
+        self._toxics_matching = None
         self._toxics_seen = 0           # the toxics' generation last seen
         self._draws = {}                # toxic -> (its version, it acts)
         self.protocol = None
@@ -2909,21 +3030,27 @@ class Connection(object):
 
     # exchanges, and what behaviors keep per connection
 
-    def start_exchange(self, request=None):
+    def start_exchange(self, request=None, text=None):
         """Draw the behavior for a new exchange and make it current: the
         one place where exchanges are counted and decisions made.
         *request* says what the client asked, in a few words (a framed
-        protocol knows: ``GET /users``, ``SET``), for the decision log."""
+        protocol knows: ``GET /users``, ``SET``), for the decision log;
+        *text* describes it whole, for the option ``match`` (see
+        RequestMatch)."""
         self.exchanges += 1
         number = self.exchanges
         server = self.server
-        name, behavior = self.picker.pick(number)
-        if behavior is server.dummy:
+        name, behavior = self.picker.pick(number, text)
+        toxics = None
+        if self._toxics_matching:
+            toxics = self._toxics_for(number, request, text)
+        if behavior is server.dummy and toxics is None:
             exchange = self.plain
         else:
-            exchange = Exchange(self, number, name, behavior)
+            exchange = Exchange(self, number, name, behavior, toxics)
             if not behavior.passive:
-                server.decide(self, number, behavior, request)
+                server.decide(self, number, behavior, request,
+                              matched=_matched_text(behavior, text))
         self.exchange = exchange
         self.behaviors_met[name] += 1
         if server.statsd.enabled:
@@ -2954,11 +3081,32 @@ class Connection(object):
                 acts = self._draw(toxic)
             self._draws[toxic] = (toxic.version, acts)
             if acts and not toxic.behavior.passive:
-                chosen.append(toxic.behavior)
+                chosen.append(toxic)
+        self._toxics_matching = None
         if not chosen:
             self.toxic_plan = None
             return
-        self.toxic_plan = _plan(chosen)
+        self.toxic_plan = _plan([toxic.behavior for toxic in chosen])
+        if any(toxic.behavior.match is not None for toxic in chosen):
+            self._toxics_matching = chosen
+
+    def _toxics_for(self, number, request, text):
+        # the toxics that act on exchange *number*, whose request is
+        # *text*, when some have a match (None: all of toxic_plan); a
+        # toxic's match is decided on each request it takes
+        chosen = self._toxics_matching
+        acting = []
+        for toxic in chosen:
+            match = toxic.behavior.match
+            if match is None:
+                acting.append(toxic.behavior)
+            elif match(text):
+                acting.append(toxic.behavior)
+                self.server.decide(self, number, toxic.behavior, request,
+                                   toxic=toxic, matched=text[:200])
+        if len(acting) == len(chosen):
+            return None
+        return _plan(acting)
 
     def _draw(self, toxic):
         toxicity = toxic.toxicity
@@ -2972,7 +3120,9 @@ class Connection(object):
                 '%s:%d:%s:%s:%d' % (seed, self.id, toxic.name,
                                     toxic.stream.lower(), toxic.version))
             acts = rng.random() < toxicity
-        if acts and not toxic.behavior.passive:
+        if acts and not toxic.behavior.passive and \
+                toxic.behavior.match is None:
+            # (a toxic with a match is decided on each request it takes)
             self.server.decide(self, self.exchanges, toxic.behavior,
                                toxic=toxic)
         return acts
@@ -3202,13 +3352,17 @@ class Exchange(object):
     exchange is the connection's current one (``connection.exchange``).
     """
 
-    __slots__ = ('connection', 'number', 'name', 'behavior', 'state', 'plan')
+    __slots__ = ('connection', 'number', 'name', 'behavior', 'state', 'plan',
+                 'toxics')
 
-    def __init__(self, connection, number, name, behavior):
+    def __init__(self, connection, number, name, behavior, toxics=None):
         self.connection = connection
         self.number = number
         self.name = name
         self.behavior = behavior
+        #: the toxics' plan for this exchange, when their matches leave
+        #: some out (None: the connection's toxic_plan)
+        self.toxics = toxics
         #: a dict private to this exchange
         self.state = {}
         self.plan = behavior.plan or _plan(getattr(behavior, 'parts',
@@ -3219,9 +3373,11 @@ class Exchange(object):
         going this way: the exchange's own, then the proxy's toxics that
         act on this connection (see Connection.refresh_toxics)."""
         own = self.plan[to_backend]
-        toxics = self.connection.toxic_plan
+        toxics = self.toxics
         if toxics is None:
-            return own
+            toxics = self.connection.toxic_plan
+            if toxics is None:
+                return own
         more = toxics[to_backend]
         return own[0] + more[0], own[1] + more[1]
 
@@ -3297,15 +3453,17 @@ class Picker(object):
         self.server = connection.server
         self._sticky = None             # (mix generation, (name, behavior))
         self._used = collections.Counter()  # behavior -> times it applied
+        self._matched = collections.Counter()   # behavior -> its requests
 
-    def pick(self, number):
-        """``(name, behavior)`` for exchange *number*."""
+    def pick(self, number, text=None):
+        """``(name, behavior)`` for exchange *number*, whose request the
+        protocol describes as *text* (see RequestMatch)."""
         mix = self.server.mix
         if mix.single is not None:
             return mix.single
         name, behavior = self.draw(mix)
         if behavior.gated:
-            name, behavior = self._gate(name, behavior, number)
+            name, behavior = self._gate(name, behavior, number, text)
         return name, behavior
 
     def draw(self, mix):
@@ -3326,13 +3484,14 @@ class Picker(object):
             return 'dummy', self.server.dummy
         return name, behavior
 
-    def _gate(self, name, behavior, number):
+    def _gate(self, name, behavior, number, text):
         parts = getattr(behavior, 'parts', None)
         if parts is None:
-            if self.admits(behavior, number):
+            if self.admits(behavior, number, text):
                 return name, behavior
             return 'dummy', self.server.dummy
-        admitted = [part for part in parts if self.admits(part, number)]
+        admitted = [part for part in parts
+                    if self.admits(part, number, text)]
         if not admitted:
             return 'dummy', self.server.dummy
         if len(admitted) == 1:
@@ -3341,10 +3500,17 @@ class Picker(object):
             behavior = Composite(admitted)
         return behavior.name, behavior
 
-    def admits(self, behavior, number):
-        """Whether exchange *number* may meet *behavior* (its options
-        after, every, times, clients)."""
+    def admits(self, behavior, number, text=None):
+        """Whether exchange *number*, whose request is described as *text*,
+        may meet *behavior* (its options match, after, every, times,
+        clients).  With a match, after and every count the requests that
+        match, not the exchanges."""
         get = behavior.settings.get
+        if behavior.match is not None:
+            if not behavior.match(text):
+                return False
+            self._matched[behavior] += 1
+            number = self._matched[behavior]
         if number <= get('after', 0) or number % get('every', 1):
             return False
         if not self.serves_client(behavior):

@@ -10,7 +10,10 @@ never held whole in memory, only lines and small headers are.
 
 ``FramedProtocol`` turns the parsers' events into exchanges:
 
-- a request's start draws the behavior mix (``Connection.start_exchange``);
+- a request's start draws the behavior mix (``Connection.start_exchange``):
+  its info (the START instruction's dict) says in ``request`` what it is
+  in a few words, for the decision log, and in ``text`` what the option
+  ``match`` compares with (see ``vaurien.RequestMatch``);
 - for the passive ``dummy`` behavior the request goes on at once, so that
   pipelined requests stay pipelined;
 - for an active behavior the answers to every earlier request are relayed
@@ -57,6 +60,25 @@ END = 'end'         # (END, info) -> None: the message ends here
 REPLACE = 'replace'  # (REPLACE, data): what was read unemitted becomes data
 FLUSH = 'flush'     # (FLUSH,) -> None: pass on what was read unemitted
 PASS = 'pass'       # (PASS, reason): stop framing, plain pass-through
+
+
+_SQL_LEAD = re.compile(r'\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*', re.S)
+
+
+def sql_text(sql):
+    """An SQL statement (bytes) as the option ``match`` sees it: decoded,
+    without the comments and blanks before it nor the semicolon and
+    blanks after it."""
+    text = sql.decode('utf-8', 'replace')
+    text = text[_SQL_LEAD.match(text).end():]
+    return text.rstrip().rstrip(';').rstrip()
+
+
+def words_text(words, limit=16):
+    """The first *limit* of a command's *words* (bytes; None for one too
+    large to read) as one line of text, for the option ``match``."""
+    return ' '.join('...' if word is None else word.decode('latin-1')
+                    for word in words[:limit])
 
 
 class FramingError(Exception):
@@ -358,6 +380,7 @@ class FramedProtocol(BaseProtocol):
 
     options = dict(BaseProtocol.options)
     frames = True
+    matches_requests = True
 
     def __init__(self, settings=None, proxy=None):
         super(FramedProtocol, self).__init__(settings, proxy)
@@ -532,7 +555,8 @@ class FramedProtocol(BaseProtocol):
             self._req_mode = 'forward'
             self._expect(self.connection.plain, info)
             return True
-        exchange = self.connection.start_exchange(info.get('request'))
+        exchange = self.connection.start_exchange(info.get('request'),
+                                                  info.get('text'))
         self.request = info
         self._req_ex = exchange
         self._req_hooked = False

@@ -206,6 +206,10 @@ class HTTP(FramedProtocol):
             connection = _tokens(headers, b'connection')
             info = {
                 'method': method,
+                # the request line, then its header lines
+                'text': b'\n'.join([line.rstrip()] + [
+                    header.rstrip() for header in lines[:-1]]).decode(
+                        'latin-1'),
                 'request': '%s %s' % (method.decode('latin-1'),
                                       parts[1][:200].decode('latin-1')),
                 'close': b'close' in connection or (

@@ -15,6 +15,7 @@ import vaurien
 
 from ._framing import (END, LINE, PASS, PEEK, READ, SKIP, START,
                        FramedProtocol, FramingError, number, word_check)
+from ._framing import words_text
 
 # memcached closes a connection as soon as 2048 bytes of a command line are
 # there without its end, unless the line is a get or gets (of any number
@@ -72,7 +73,8 @@ class Memcache(FramedProtocol):
             words = line.split()
             command = words[0].lower() if words else b''
             info = {'cmd': command, 'replies': 1,
-                    'request': command.decode('latin-1')}
+                    'request': command.decode('latin-1'),
+                    'text': words_text(words)}
             data = None
             if command in _STORAGE:
                 need = 6 if command == b'cas' else 5

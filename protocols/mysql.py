@@ -17,6 +17,7 @@ import vaurien
 
 from ._framing import (END, PASS, PEEK, READ, SCAN, SKIP, START,
                        FramedProtocol, FramingError, refuse)
+from ._framing import sql_text
 
 CLIENT_PROTOCOL_41 = 0x200
 CLIENT_SSL = 0x800
@@ -174,8 +175,11 @@ class MySQL(FramedProtocol):
             command = (yield (READ, 1, False))[0]
             info = {'cmd': command, 'seq': header[3], 'replies': 1,
                     'request': NAMES.get(command, '0x%02x' % command)}
+            info['text'] = info['request']
+            if command in (COM_QUERY, COM_STMT_PREPARE):
+                sql = yield (PEEK, min(length - 1, 1024))
+                info['text'] = sql_text(sql)
             if command == COM_QUERY:
-                sql = yield (PEEK, min(length - 1, 256))
                 info['request'] = _first_word(sql)
             if command in _NO_ANSWER:
                 info['replies'] = 0

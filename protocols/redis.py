@@ -14,6 +14,7 @@ import vaurien
 from ._framing import (FLUSH, END, LINE, PASS, PEEK, READ, SCAN, SKIP, START,
                        FramedProtocol, FramingError, cannot_start, refuse,
                        word_check)
+from ._framing import words_text
 
 # Redis refuses an inline command, or the line of a count or a length, as
 # soon as 64 KB of it are there without its end (PROTO_INLINE_MAX_SIZE).
@@ -298,6 +299,7 @@ class Redis(FramedProtocol):
                 info = self._command(args)
                 if info is None:
                     yield (PASS, 'replication stream')
+                info['text'] = words_text(args)
                 yield (START, info)
                 if streaming:
                     yield (SKIP, streaming)
@@ -320,6 +322,7 @@ class Redis(FramedProtocol):
                 if info is None:
                     yield (PASS, 'replication stream')
                 info['inline'] = True
+                info['text'] = words_text(words)
                 yield (START, info)
                 yield (END, info)
 

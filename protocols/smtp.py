@@ -11,6 +11,7 @@ import vaurien
 from ._framing import (END, LINE, PASS, PEEK, SCAN, SKIP, START,
                        FramedProtocol, FramingError, number, template_check,
                        word_check)
+from ._framing import words_text
 
 # Commands and replies: RFC 5321 allows 512 bytes; Postfix takes a command
 # as soon as 2048 bytes of it are there (line_length_limit) and answers
@@ -85,7 +86,7 @@ class SMTP(FramedProtocol):
                 # the backend is in DATA mode already: under ``error`` it
                 # still gets the message, and its answer is replaced
                 info = {'cmd': b'message', 'replies': 1,
-                        'request': 'the message (DATA)',
+                        'request': 'the message (DATA)', 'text': 'MESSAGE',
                         'keep_backend_in_step': True}
                 yield (START, info)
                 yield (SCAN, MessageScanner())
@@ -96,7 +97,8 @@ class SMTP(FramedProtocol):
             words = line.split()
             verb = words[0].upper() if words else b''
             info = {'cmd': verb, 'replies': 1,
-                    'request': verb.decode('latin-1')}
+                    'request': verb.decode('latin-1'),
+                    'text': words_text(words)}
             if verb == b'BDAT':
                 info['keep_backend_in_step'] = True
             yield (START, info)
