@@ -338,11 +338,14 @@ class Postgres(FramedProtocol):
                 raise cannot_start('an extended-protocol message before '
                                    'Sync', header)
             kind, length = _header(header)
+            # held back only until the group's start: a message that is
+            # all there must go on before the client's next one comes
+            emit = info is not None
             if kind in (0x50, 0x42):            # Parse, Bind: which SQL
-                head = yield (READ, 5 + min(length - 4, SQL_HEAD), False)
+                head = yield (READ, 5 + min(length - 4, SQL_HEAD), emit)
                 sql = self._named(kind, head)
             else:
-                head = yield (READ, 5, False)
+                head = yield (READ, 5, emit)
                 sql = None
             if info is None:
                 if sql is None:

@@ -302,6 +302,23 @@ class SessionTest(unittest.TestCase):
                                     ('c', query(b'SELECT 2'))], 2, 1)
         self.assertIn("backend's stream", lines[0][1])
 
+    def test_flush_goes_on_before_the_sync(self):
+        """A client that sends Flush waits for the answers before its
+        Sync: every message of the group goes on at once."""
+        pair = Pair('postgres')
+        self.addCleanup(pair.close)
+        login(pair)
+        for sent in (parse(b'SELECT $1', b's2') + describe(b'S', b's2') +
+                     FLUSH, bind(b's2') + FLUSH, parse(b'SELECT 2') + FLUSH,
+                     execute() + SYNC):
+            pair.client.sendall(sent)
+            self.assertEqual(read_some(pair.backend, len(sent), TIMEOUT),
+                             sent)
+            answer = PARSE_COMPLETE
+            pair.backend.sendall(answer)
+            self.assertEqual(read_some(pair.client, len(answer), TIMEOUT),
+                             answer)
+
     def test_decision_names_the_statement(self):
         pair = Pair('postgres', 'delay', {'delay': {'sleep': 0}})
         self.addCleanup(pair.close)
