@@ -261,7 +261,10 @@ class Postgres(FramedProtocol):
         self.status = b'I'
         self._negotiating = 0       # SSL/GSS requests awaiting their byte
         self._statements = {}       # prepared statement name -> SQL
-        self._last_group = False    # the last exchange: a group, not Query
+        #: the COPY came from a group that reached its Sync: the server
+        #: ignored that Sync (it came during the COPY) and answers the one
+        #: the client sends after CopyDone
+        self._copy_syncs = False
         self._copy_ex = None        # the exchange COPY data belongs to
         self._synced = True         # the group being read reached its Sync
         self._ready_at_sync = None  # ReadyForQuery owed at that Sync
@@ -318,7 +321,7 @@ class Postgres(FramedProtocol):
             info = {'cmd': b'FUNCTIONCALL', 'request': 'FunctionCall',
                     'sql': ''}
         info['replies'] = 1
-        self._last_group = False
+        self._copy_syncs = False
         yield (START, info)
         yield (SKIP, length + 1 - len(head))
         yield (END, info)
@@ -330,14 +333,25 @@ class Postgres(FramedProtocol):
                 'sql': sql}
 
     def _group(self):
-        """Extended-protocol messages up to Sync: one exchange."""
+        """Extended-protocol messages up to Sync: one exchange, answered
+        by one ReadyForQuery.  A group the client leaves at a Flush, going
+        on with a Query, COPY data or Terminate (asyncpg prepares so), has
+        no ReadyForQuery of its own: it ends there, awaiting none."""
         info = None
         while True:
             header = yield (PEEK, 5)
-            if len(header) < 5 or header[0] not in _GROUP:
-                raise cannot_start('an extended-protocol message before '
-                                   'Sync', header)
+            if len(header) < 5 or header[0] not in CLIENT_TYPES:
+                raise cannot_start('a PostgreSQL message', header)
             kind, length = _header(header)
+            if kind not in _GROUP:
+                if self._ready_at_sync:
+                    # after an error the server ignores all but a Sync
+                    yield (SKIP, length + 1)
+                    continue
+                self._unexpect(info)
+                self._copy_syncs = False
+                yield (END, info)
+                return
             # held back only until the group's start: a message that is
             # all there must go on before the client's next one comes
             emit = info is not None
@@ -354,11 +368,11 @@ class Postgres(FramedProtocol):
                     info = self._describe(sql)
                 info['replies'] = 1
                 info['group'] = True
-                self._last_group = True
                 self._synced = False
                 yield (START, info)
             if kind == 0x53:                    # Sync
                 self._synced = True
+                self._copy_syncs = True
                 yield (SKIP, length + 1 - len(head))
                 yield (END, info)
                 if self._ready_at_sync:
@@ -368,6 +382,14 @@ class Postgres(FramedProtocol):
                     self._ready_at_sync = None
                 return
             yield (SKIP, length + 1 - len(head))
+
+    def _unexpect(self, info):
+        """The request *info* awaits no answer after all."""
+        info['replies'] = 0
+        for index, (_, entry) in enumerate(self.expected):
+            if entry is info:
+                del self.expected[index]
+                return
 
     def _named(self, kind, head):
         """The SQL a Parse defines (remembered under its name) or a Bind
@@ -385,7 +407,8 @@ class Postgres(FramedProtocol):
 
     def _copy(self):
         """CopyData up to CopyDone or CopyFail: part of the exchange of
-        their COPY (after an extended one, with the Sync that follows)."""
+        their COPY (after a group that reached its Sync, with the Sync
+        that follows: libpq sends one)."""
         info = {'copy': True, 'replies': 0}
         yield (START, info)
         while True:
@@ -397,7 +420,7 @@ class Postgres(FramedProtocol):
             header = yield (PEEK, 5)
             if len(header) < 5 or header[0] not in b'cdfHS':
                 raise cannot_start('a COPY message', header)
-        if self._last_group:
+        if self._copy_syncs:
             header = yield (PEEK, 5)
             if header[:1] == b'S':
                 _, length = _header(header)

@@ -164,9 +164,16 @@ SESSION = LOGIN + [
     # 9: a bound statement with no Parse: its SQL is known from before
     ('c', bind(b's1', b'', b'9') + execute() + SYNC),
     ('s', BIND_COMPLETE + command_complete(b'INSERT 0 1') + ready()),
+    # 10: asyncpg prepares with a Flush and no Sync: no ReadyForQuery
+    ('c', parse(b'SELECT 1', b'a1') + describe(b'S', b'a1') + FLUSH),
+    ('s', PARSE_COMPLETE + msg(b't', b'\x00\x00') + NO_DATA),
+    # 11: and goes on with a Query
+    ('c', query(b'SELECT 2')),
+    ('s', row_description(b'x') + data_row(b'2') +
+     command_complete(b'SELECT 1') + ready()),
     ('c', TERMINATE),
 ]
-SESSION_EXCHANGES = 9
+SESSION_EXCHANGES = 11
 
 
 def exchanges_of(steps):
@@ -210,14 +217,16 @@ class FramingTest(unittest.TestCase):
         started, answered, client, server = whole
         self.assertEqual(client, b''.join(d for w, d in steps if w == 'c'))
         self.assertEqual(server, b''.join(d for w, d in steps if w == 's'))
-        self.assertEqual(started, answered)
+        self.assertEqual([info for info in started if info['replies']],
+                         answered)
         return whole
 
     def test_session(self):
         started, _, _, _ = self.check(SESSION)
         self.assertEqual([info['request'] for info in started], [
             'SELECT', 'BEGIN', 'INSERT', 'INSERT', 'COPY', 'COPY', 'COMMIT',
-            'COPY', 'INSERT'])
+            'COPY', 'INSERT', 'SELECT', 'SELECT'])
+        self.assertEqual(started[9]['replies'], 0)
         self.assertEqual(started[0]['sql'], 'SELECT a, b FROM t')
         self.assertEqual(started[0]['cmd'], b'SELECT')
         self.assertEqual(started[3]['sql'], 'INSERT INTO t VALUES ($1)')
@@ -456,6 +465,21 @@ class ErrorAnswerTest(unittest.TestCase):
         # no ReadyForQuery before the Sync, as from the server
         self.assertEqual(read_some(pair.client, 1, 0.2), b'')
         pair.client.sendall(execute() + SYNC)
+        self.assertEqual(read_some(pair.client, 6, TIMEOUT),
+                         b'Z\x00\x00\x00\x05I')
+        self.assertEqual(read_some(pair.backend, 1, 0.1), b'')
+
+    def test_unsynced_group_then_everything_ignored_to_sync(self):
+        """After an error in a group, the server reads nothing but a Sync
+        (a Query included), then answers ReadyForQuery."""
+        pair = self.pair({'code': 40001})
+        login(pair)
+        pair.client.sendall(parse(b'SELECT 1', b'a1') + describe(b'S', b'a1')
+                            + FLUSH)
+        self.assertEqual(read_some(pair.client, 123, TIMEOUT)[:1], b'E')
+        pair.client.sendall(query(b'SELECT 2'))
+        self.assertEqual(read_some(pair.client, 1, 0.2), b'')
+        pair.client.sendall(SYNC)
         self.assertEqual(read_some(pair.client, 6, TIMEOUT),
                          b'Z\x00\x00\x00\x05I')
         self.assertEqual(read_some(pair.backend, 1, 0.1), b'')

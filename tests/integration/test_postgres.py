@@ -349,14 +349,26 @@ class PostgresTest(support.ProxiedTestCase):
         async def run(options, name):
             self.proxy.set('dummy')
             conn = await self.asyncpg_connect(self.proxy)
+            fatal = name.startswith(('TooMany', 'AdminShutdown',
+                                     'ConnectionFailure'))
             try:
                 await conn.fetchval('SELECT 1')
                 self.proxy.set('error', {'error': options})
-                with self.assertRaises(getattr(exceptions, name), msg=name):
-                    await conn.fetchval('SELECT $1::int', 2)
+                if fatal:
+                    # the connection closes after a FATAL: asyncpg says so,
+                    # the error as its cause (as when the real server
+                    # terminates a backend: pg_terminate_backend)
+                    with self.assertRaises(
+                            exceptions.ConnectionDoesNotExistError) as caught:
+                        await conn.fetchval('SELECT $1::int', 2)
+                    self.assertIsInstance(caught.exception.__cause__,
+                                          getattr(exceptions, name))
+                else:
+                    with self.assertRaises(getattr(exceptions, name),
+                                           msg=name):
+                        await conn.fetchval('SELECT $1::int', 2)
                 self.proxy.set('dummy')
-                if not name.startswith(('TooMany', 'AdminShutdown',
-                                        'ConnectionFailure')):
+                if not fatal:
                     self.assertEqual(await conn.fetchval('SELECT 3'), 3)
             finally:
                 conn.terminate()
