@@ -117,7 +117,7 @@ def psql(port, sql, user='postgres', extra=(), env=None, check=True):
 
 def pgbench(port, args, env=None):
     """pgbench's report (its output) against 127.0.0.1:*port*."""
-    program = support.need_program('pgbench', 'postgresql-contrib')
+    program = support.need_program('pgbench', 'postgresql')
     result = subprocess.run(
         [program, '-h', '127.0.0.1', '-p', str(port), '-U', 'postgres'] +
         list(args) + ['postgres'], stdout=subprocess.PIPE,
