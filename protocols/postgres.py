@@ -48,10 +48,11 @@ CLIENT_TYPES = frozenset(b'BCDEFHPQSXcdfp')
 SERVER_TYPES = frozenset(b'123ACDEGHIKNRSTVWZcdnstv')
 _GROUP = frozenset(b'BCDEHPS')
 _COPY = frozenset(b'cdf')
-#: backend messages a response is scanned up to: ReadyForQuery ends it,
-#: CopyBothResponse turns to replication
-_STOP = frozenset(b'ZW')
+#: backend messages a response is scanned up to (ReadyForQuery ends it,
+#: see MessageScanner): CopyBothResponse turns to replication
+_STOP = frozenset(b'W')
 _PUSH = {'push': True}
+_ANSWER = {}
 _SETUP = {'setup': True, 'replies': 0}
 
 _FIRST_WORD = re.compile(r'\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*([A-Za-z]+)',
@@ -193,8 +194,9 @@ class _SqlStates(object):
 
 class MessageScanner(object):
     """Passes whole messages on (a SCAN function) up to the first one whose
-    type is in *stop* (not passed; its type is the result).  Checks each
-    type against *known* and each length."""
+    type is in *stop* (not passed; its type is the result), or through a
+    ReadyForQuery (passed; the result is its transaction status, b'I',
+    b'T' or b'E').  Checks each type against *known* and each length."""
 
     __slots__ = ('stop', 'known', 'left')
 
@@ -219,6 +221,15 @@ class MessageScanner(object):
                                        buf[pos:pos + 60])
                 return pos, False, None
             kind = buf[pos]
+            if kind == 0x5a:                    # ReadyForQuery
+                if end - pos < 6:
+                    return pos, False, None
+                status = bytes(buf[pos + 5:pos + 6])
+                if buf[pos + 1:pos + 5] != b'\x00\x00\x00\x05' or \
+                        status not in (b'I', b'T', b'E'):
+                    raise FramingError('malformed ReadyForQuery %r'
+                                       % bytes(buf[pos:pos + 6]))
+                return pos + 6, True, status
             if kind in stop:
                 return pos, True, kind
             length = int.from_bytes(buf[pos + 1:pos + 5], 'big')
@@ -313,7 +324,8 @@ class Postgres(FramedProtocol):
                 yield (END, _SETUP)
 
     def _query(self, kind, length):
-        head = yield (READ, 5 + min(length - 4, SQL_HEAD), False)
+        # most queries are read whole here: no SKIP step left
+        head = yield (READ, 1 + min(length, SQL_HEAD), False)
         if kind == 0x51:
             sql = _cstring(head, 5)[0]
             info = self._describe(sql)
@@ -323,7 +335,8 @@ class Postgres(FramedProtocol):
         info['replies'] = 1
         self._copy_syncs = False
         yield (START, info)
-        yield (SKIP, length + 1 - len(head))
+        if length + 1 > len(head):
+            yield (SKIP, length + 1 - len(head))
         yield (END, info)
 
     def _describe(self, sql):
@@ -465,12 +478,12 @@ class Postgres(FramedProtocol):
                 # new value, or a FATAL before the server closes
                 yield from self._push()
                 continue
-            yield (START, {})
-            kind = yield (SCAN, MessageScanner(_STOP, SERVER_TYPES))
-            if kind == 0x57:                    # CopyBothResponse
+            yield (START, _ANSWER)
+            status = yield (SCAN, MessageScanner(_STOP, SERVER_TYPES))
+            if status == 0x57:                  # CopyBothResponse
                 yield (PASS, 'COPY BOTH (replication): plain pass-through')
-            yield from self._ready()
-            yield (END, {})
+            self.status = status
+            yield (END, _ANSWER)
 
     def _push(self):
         """One message that answers no request; its type."""
