@@ -4,6 +4,7 @@ behavior's answers, byte for byte as the protocol's documentation lays
 them out.  Standard library only."""
 
 import os
+import random
 import socket
 import sys
 import time
@@ -19,8 +20,8 @@ vaurien.load_plugins()
 
 from protocols import postgres  # noqa: E402
 from protocols._framing import StreamParser  # noqa: E402
-from tests.test_protocols import (Logs, Pair, read_some,  # noqa: E402
-                                  replay)
+from tests.test_protocols import (Logs, Pair, mutate,  # noqa: E402
+                                  read_some, replay)
 
 TIMEOUT = 5.0
 
@@ -252,6 +253,71 @@ class FramingTest(unittest.TestCase):
                           ('/* a */ /* b */insert', 'INSERT'), ('', ''),
                           ('(select 1)', '')]:
             self.assertEqual(postgres.first_word(sql), word, sql)
+
+
+class FuzzTest(unittest.TestCase):
+    """Seeded mutations of the recorded session through the two parsers:
+    every byte comes out, in order, up to where framing stops and the rest
+    is passed on whole; the parser never loses one."""
+
+    def test_mutations_keep_every_byte(self):
+        rng = random.Random('vaurien-fuzz-postgres')
+        stopped = 0
+        for case in range(300):
+            steps = mutate(rng, SESSION)
+            proto = postgres.Postgres()
+            parsers = {'c': StreamParser(proto.parse_requests()),
+                       's': StreamParser(proto.parse_responses())}
+            out = {'c': [], 's': []}
+            for who, data in steps:
+                parser = parsers[who]
+                parser.feed(data)
+                while True:
+                    event = parser.next_event()
+                    if event is None:
+                        break
+                    kind, value = event
+                    if kind == 'data':
+                        out[who].append(value)
+                    elif kind == 'start' and who == 'c' and not (
+                            value.get('setup') or value.get('copy')):
+                        for _ in range(value['replies']):
+                            proto.expected.append((None, value))
+                    elif kind == 'end' and who == 's' and not value.get(
+                            'push') and proto.expected:
+                        proto.expected.popleft()
+                    elif kind in ('pass', 'error'):
+                        stopped += 1
+                        # both ways fall back together, as the proxy does
+                        for other in 'cs':
+                            out[other].append(parsers[other].rest())
+                            parsers[other] = _Plain()
+                        break
+            for who in 'cs':
+                out[who].append(parsers[who].rest())
+                self.assertEqual(b''.join(out[who]), b''.join(
+                    d for w, d in steps if w == who), 'case %d' % case)
+        self.assertGreater(stopped, 0)
+
+
+class _Plain(object):
+    """Plain pass-through after a fall-back: what is fed comes out."""
+
+    finished = True
+    events = ()
+
+    def __init__(self):
+        self.fed = []
+
+    def feed(self, data):
+        self.fed.append(data)
+
+    def next_event(self):
+        return None
+
+    def rest(self):
+        data, self.fed = b''.join(self.fed), []
+        return data
 
 
 class SessionTest(unittest.TestCase):
