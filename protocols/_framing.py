@@ -66,10 +66,10 @@ _SQL_LEAD = re.compile(r'\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*', re.S)
 
 
 def sql_text(sql):
-    """An SQL statement (bytes) as the option ``match`` sees it: decoded,
-    without the comments and blanks before it nor the semicolon and
-    blanks after it."""
-    text = sql.decode('utf-8', 'replace')
+    """An SQL statement (bytes or str) as the option ``match`` sees it:
+    decoded, without the comments and blanks before it nor the semicolon
+    and blanks after it."""
+    text = sql.decode('utf-8', 'replace') if isinstance(sql, bytes) else sql
     text = text[_SQL_LEAD.match(text).end():]
     return text.rstrip().rstrip(';').rstrip()
 

@@ -193,6 +193,24 @@ class ProtocolsTest(unittest.TestCase):
         self.assertEqual(talk.decisions()[0]['matched'], 'commit')
 
 
+    def test_postgres_statement(self):
+        from tests import test_postgres as pg
+        talk = Conversation(self, 'postgres', {'match': 'COMMIT | UPDATE *',
+                                               'message': '40001'},
+                            pg.command_complete(b'X') + pg.ready(b'I'))
+        pg.login(talk.pair)
+        talk.passes(pg.query(b'BEGIN'))
+        talk.passes(pg.query(b'INSERT INTO t VALUES (1)'))
+        talk.fails(pg.query(b'-- app\nupdate t SET a = 1;'), b'E')
+        # the extended protocol: a group up to Sync, by its Parse's SQL
+        talk.passes(pg.parse(b'SELECT 1') + pg.bind() + pg.execute() +
+                    pg.SYNC)
+        talk.fails(pg.parse(b'COMMIT') + pg.bind() + pg.execute() + pg.SYNC,
+                   b'E')
+        self.assertEqual([d['matched'] for d in talk.decisions()],
+                         ['update t SET a = 1', 'COMMIT'])
+
+
 class GatesTest(unittest.TestCase):
     """after, every and times count the requests that match."""
 
