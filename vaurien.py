@@ -1484,11 +1484,13 @@ class Error(_Counted):
         'per_connection': ("Count warmup per connection instead of across "
                            "the whole proxy", bool, False),
         'code': ("Error code for protocols that have them (HTTP status, "
-                 "MySQL error number, SMTP reply code); 0 picks the "
-                 "protocol's usual one", int, 0, Range(0, 65535)),
+                 "MySQL error number, SMTP reply code, a PostgreSQL "
+                 "SQLSTATE of digits: 40001); 0 picks the protocol's usual "
+                 "one", int, 0, Range(0, 65535)),
         'message': ("Error text for protocols that have one (e.g. a Redis "
-                    "'OOM command not allowed'); empty picks the protocol's "
-                    "usual one", str, ''),
+                    "'OOM command not allowed'; for PostgreSQL a SQLSTATE "
+                    "or condition name first: 40P01, deadlock_detected); "
+                    "empty picks the protocol's usual one", str, ''),
     }
 
     def _erring(self, protocol):
