@@ -304,9 +304,10 @@ class Postgres(FramedProtocol):
             if code >> 16 != 3:
                 raise FramingError('protocol version %d.%d'
                                    % (code >> 16, code & 0xffff))
-            yield (START, _SETUP)
+            info = self._startup()
+            yield (START, info)
             yield (SKIP, length)
-            yield (END, _SETUP)
+            yield (END, info)
             break
         while True:
             header = yield (PEEK, 5)
@@ -323,6 +324,22 @@ class Postgres(FramedProtocol):
                 yield (START, _SETUP)
                 yield (SKIP, length + 1)
                 yield (END, _SETUP)
+
+    def _startup(self):
+        """The start-up packet's info: no exchange, unless the mix in force
+        has an error of 53300 (too_many_connections), which a full server
+        answers to the start-up packet: then it is one, that the error
+        answers with its FATAL (the other behaviors drawn for it act on the
+        login)."""
+        if self.connection is None:     # a parser alone, in a test
+            return _SETUP
+        for behavior in self.connection.server.mix.behaviors():
+            if isinstance(behavior, vaurien.Error) and choose_error(
+                    behavior.option('code'),
+                    behavior.option('message'))[1] == '53300':
+                return {'cmd': b'STARTUP', 'request': 'start-up',
+                        'text': 'STARTUP', 'replies': 0}
+        return _SETUP
 
     def _query(self, kind, length):
         # most queries are read whole here: no SKIP step left

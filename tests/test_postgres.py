@@ -480,9 +480,8 @@ class ErrorAnswerTest(unittest.TestCase):
             self.assertEqual(read_some(pair.backend, 1, 0.1), b'')
 
     def test_fatal_codes_close(self):
+        # (53300 refuses the login itself: FaultsTest)
         for options, state, text in [
-                ({'code': 53300}, b'53300',
-                 b'sorry, too many clients already'),
                 ({'message': 'admin_shutdown'}, b'57P01',
                  b'terminating connection due to administrator command'),
                 ({'code': 8006}, b'08006', b'connection to client lost')]:
@@ -589,6 +588,21 @@ class ErrorAnswerTest(unittest.TestCase):
 
 class FaultsTest(unittest.TestCase):
     """The other behaviors act per query."""
+
+    def test_too_many_connections_refuses_the_login(self):
+        pair = Pair('postgres', 'error', {'error': {'code': 53300}})
+        self.addCleanup(pair.close)
+        pair.client.sendall(LOGIN[0][1])
+        got = read_some(pair.client, 1000, TIMEOUT)
+        self.assertEqual(got, documented_error(
+            b'FATAL', b'53300', b'sorry, too many clients already'))
+        pair.client.settimeout(TIMEOUT)
+        self.assertEqual(pair.client.recv(100), b'')
+        self.assertEqual(read_some(pair.backend, 1, 0.3), b'')
+        # any other error leaves the login alone
+        other = Pair('postgres', 'error', {'error': {'code': 40001}})
+        self.addCleanup(other.close)
+        login(other)
 
     def test_abort_after_the_query_went(self):
         pair = Pair('postgres', 'abort')

@@ -343,6 +343,33 @@ class PostgresTest(support.ProxiedTestCase):
             else:
                 self.assertEqual(conn.execute('SELECT 3').fetchone(), (3,))
 
+    def test_too_many_connections_at_login(self):
+        """An error of 53300 answers the start-up packet, as a full server
+        does: the drivers fail to connect, asyncpg with its class."""
+        self.proxy.set('error', {'error': {'code': 53300}})
+        with self.assertRaises(self.psycopg.OperationalError) as caught:
+            self.connect(self.proxy)
+        self.assertIn('sorry, too many clients already',
+                      str(caught.exception))
+
+        async def run():
+            with self.assertRaises(
+                    self.asyncpg.exceptions.TooManyConnectionsError):
+                await self.asyncpg_connect(self.proxy)
+        self.run_async(run())
+        self.assertEqual([d['request'] for d in self.proxy.server.decisions],
+                         ['start-up', 'start-up'])
+        # half of the logins
+        self.proxy.set('50:error', {'error': {
+            'message': 'too_many_connections'}})
+        refused = 0
+        for _ in range(20):
+            try:
+                self.connect(self.proxy).close()
+            except self.psycopg.OperationalError:
+                refused += 1
+        self.assertTrue(0 < refused < 20, refused)
+
     def test_error_classes_asyncpg(self):
         exceptions = self.asyncpg.exceptions
 
