@@ -603,6 +603,20 @@ class FaultsTest(unittest.TestCase):
         other = Pair('postgres', 'error', {'error': {'code': 40001}})
         self.addCleanup(other.close)
         login(other)
+        # aimed at the login alone: the queries pass
+        aimed = Pair('postgres', 'error', {'error': {
+            'code': 53300, 'match': 'STARTUP'}})
+        self.addCleanup(aimed.close)
+        aimed.client.sendall(LOGIN[0][1])
+        self.assertTrue(read_some(aimed.client, 1000, TIMEOUT).startswith(
+            b'E'))
+        spared = Pair('postgres', 'error', {'error': {
+            'code': 53300, 'match': 'COMMIT'}})
+        self.addCleanup(spared.close)
+        login(spared)
+        spared.client.sendall(query(b'SELECT 1'))
+        self.assertEqual(read_some(spared.backend, 14, TIMEOUT),
+                         query(b'SELECT 1'))
 
     def test_abort_after_the_query_went(self):
         pair = Pair('postgres', 'abort')
