@@ -2860,6 +2860,26 @@ class Connection(object):
             server.statsd.incr('behavior.' + name)
         return exchange
 
+    def pass_exchanges(self, count, single):
+        """Count *count* exchanges that meet *single*, the ``(name,
+        behavior)`` of a mix that is one passive behavior (``mix.single``):
+        what start_exchange does for each, without a draw (there is none
+        to make) nor an object each.  Returns the exchange they share (it
+        keeps nothing: no hook of a passive behavior runs)."""
+        name, behavior = single
+        self.exchanges += count
+        self.behaviors_met[name] += count
+        server = self.server
+        if server.statsd.enabled:
+            for _ in range(count):
+                server.statsd.incr('behavior.' + name)
+        if behavior is server.dummy or name == 'dummy':
+            exchange = self.plain
+        else:
+            exchange = Exchange(self, self.exchanges, name, behavior)
+        self.exchange = exchange
+        return exchange
+
     def state_of(self, behavior):
         """*behavior*'s state on this connection: what its ``new_state()``
         returned, made at the first call."""

@@ -32,6 +32,7 @@ such a line would stall a client that the server itself answers at once.
 """
 
 import collections
+import itertools
 import re
 import socket
 
@@ -57,6 +58,21 @@ END = 'end'         # (END, info) -> None: the message ends here
 REPLACE = 'replace'  # (REPLACE, data): what was read unemitted becomes data
 FLUSH = 'flush'     # (FLUSH,) -> None: pass on what was read unemitted
 PASS = 'pass'       # (PASS, reason): stop framing, plain pass-through
+RUN = 'run'         # (RUN, fn) -> None: whole messages at once, see below
+
+# RUN is the fast lane of a parser at a message boundary.  fn(buf, pos)
+# returns (newpos, infos): buf[pos:newpos] is a run of whole messages, one
+# info each (a 'run' event carries both), or (pos, None) when it takes
+# none.  While fn takes every byte there is, the instruction waits for the
+# next ones and calls fn again; it hands back to the generator as soon as
+# fn stops short of the end (at a message it leaves to the generator: one
+# that is not all there yet, or that it does not frame itself), and at the
+# end of the stream.  So a run never sits on bytes: the generator gets
+# them, checks them and streams them as before.
+
+
+#: an exchange's plan one way when no behavior acts that way
+_IDLE = ((), ())
 
 
 class FramingError(Exception):
@@ -73,7 +89,7 @@ class StreamParser(object):
     """
 
     def __init__(self, generator):
-        self.buf = bytearray()
+        self.buf = b''
         self.pos = 0
         self.held = bytearray()
         self.events = collections.deque()
@@ -85,10 +101,15 @@ class StreamParser(object):
         self._value = None
 
     def feed(self, data):
-        if self.pos:
-            del self.buf[:self.pos]
-            self.pos = 0
-        self.buf += data
+        # bytes, not a bytearray: a read that is passed on whole (the
+        # usual case) is never copied, and slices of it are bytes already
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self.pos >= len(self.buf):
+            self.buf = data
+        else:
+            self.buf = self.buf[self.pos:] + data
+        self.pos = 0
 
     def feed_eof(self):
         self.eof = True
@@ -110,7 +131,7 @@ class StreamParser(object):
         parts.append(bytes(self.buf[self.pos:]))
         self.events.clear()
         self.held = bytearray()
-        self.buf = bytearray()
+        self.buf = b''
         self.pos = 0
         self.finished = True
         self._gen.close()
@@ -166,6 +187,24 @@ class StreamParser(object):
         buf = self.buf
         pos = self.pos
         avail = len(buf) - pos
+        if kind == RUN:
+            if not avail:
+                if self.eof:
+                    self._done()
+                    return True
+                return False
+            try:
+                newpos, infos = instr[1](buf, pos)
+            except Exception as exc:
+                self._failed(exc)
+                return True
+            if newpos > pos:
+                self._emit_held()
+                self.events.append(('run', (buf[pos:newpos], infos)))
+                self.pos = newpos
+            if newpos < len(buf):
+                self._done()
+            return True
         if kind == LINE:
             limit = instr[1]
             index = buf.find(b'\n', pos, pos + limit)
@@ -173,7 +212,7 @@ class StreamParser(object):
                 # the check first: it names the trouble better
                 if len(instr) > 3 and instr[3] is not None and avail:
                     try:
-                        instr[3](bytes(buf[pos:pos + limit]))
+                        instr[3](buf[pos:pos + limit])
                     except Exception as exc:
                         self._failed(exc)
                         return True
@@ -181,7 +220,7 @@ class StreamParser(object):
                     self._fail('no end of line within %d bytes' % limit)
                     return True
                 return False
-            value = bytes(buf[pos:index + 1])
+            value = buf[pos:index + 1]
             self.pos = index + 1
             self._take(value, len(instr) < 3 or instr[2])
             self._done(value)
@@ -194,7 +233,7 @@ class StreamParser(object):
             if not avail:
                 return False
             take = min(count, avail)
-            self._take(bytes(buf[pos:pos + take]), True)
+            self._take(buf[pos:pos + take], True)
             self.pos = pos + take
             if take == count:
                 self._done()
@@ -208,7 +247,7 @@ class StreamParser(object):
                 self._failed(exc)
                 return True
             if newpos > pos:
-                self._take(bytes(buf[pos:newpos]), True)
+                self._take(buf[pos:newpos], True)
                 self.pos = newpos
             if done:
                 self._done(result)
@@ -218,7 +257,7 @@ class StreamParser(object):
             count = instr[1]
             if avail < count:
                 return False
-            value = bytes(buf[pos:pos + count])
+            value = buf[pos:pos + count]
             self.pos = pos + count
             self._take(value, len(instr) < 3 or instr[2])
             self._done(value)
@@ -227,7 +266,7 @@ class StreamParser(object):
             count = instr[1]
             if avail < count and not (self.eof and avail):
                 return False
-            self._done(bytes(buf[pos:pos + count]))
+            self._done(buf[pos:pos + count])
             return True
         if kind == START:
             self.events.append(('start', instr[1]))
@@ -249,7 +288,7 @@ class StreamParser(object):
             return True
         if kind == ALL:
             if avail:
-                self._take(bytes(buf[pos:]), True)
+                self._take(buf[pos:], True)
                 self.pos = len(buf)
                 return True
             if self.eof:
@@ -384,6 +423,7 @@ class FramedProtocol(BaseProtocol):
         self._serve_ended = False
         self._serve_lost = False
         self._consumed = []
+        self._single = None         # what quiet() saw last
 
     # what subclasses write
 
@@ -400,6 +440,39 @@ class FramedProtocol(BaseProtocol):
         if self.expected:
             return self.expected[0][1]
         return None
+
+    # what subclasses may use for their fast lanes (RUN instructions)
+
+    def quiet(self):
+        """``(name, behavior)`` of the one passive behavior that every
+        request of this connection meets now, when no behavior nor toxic
+        can act on it: then requests may pass in runs (a RUN function
+        returns their infos, each awaiting one answer), counted as
+        exchanges of that behavior without a draw; else None.  A RUN
+        function of requests asks at each call: a behavior switched on
+        meanwhile acts from the next request on."""
+        conn = self.connection
+        single = conn.server.mix.single
+        if single is None or not single[1].passive or \
+                conn.toxic_plan is not None:
+            return None
+        self._single = single
+        return single
+
+    def answers_pass(self):
+        """The deque of ``(exchange, request info)`` awaiting answers, when
+        answers may pass in runs at all (no toxic acts on this connection);
+        else None.  A RUN function of answers takes one only while
+        ``passes(exchange)`` says no behavior acts on it, and pops its entry
+        (``expected.popleft()``) as it takes it."""
+        if self.connection.toxic_plan is not None:
+            return None
+        return self.expected
+
+    def passes(self, exchange):
+        """Whether no behavior acts on *exchange*'s answer."""
+        return exchange is self.connection.plain or \
+            exchange.plan[False] == _IDLE
 
     # the engine's side
 
@@ -513,6 +586,8 @@ class FramedProtocol(BaseProtocol):
             if kind == 'data':
                 if self._req_mode == 'forward':
                     self._out(True, self._req_ex, value)
+            elif kind == 'run':
+                self._run_requests(value)
             elif kind == 'start':
                 if not self._start_request(value):
                     return False
@@ -523,6 +598,15 @@ class FramedProtocol(BaseProtocol):
                 self._fall_back(kind, value, "client's stream")
         self._flush()
         return True
+
+    def _run_requests(self, run):
+        """Whole requests that a RUN function took while quiet(): counted
+        as exchanges of the passive behavior it saw, passed on at once,
+        each awaiting its answer."""
+        data, infos = run
+        exchange = self.connection.pass_exchanges(len(infos), self._single)
+        self._out(True, exchange, data)
+        self.expected.extend(zip(itertools.repeat(exchange), infos))
 
     def _start_request(self, info):
         if info.get('setup'):
@@ -613,6 +697,10 @@ class FramedProtocol(BaseProtocol):
             if kind == 'data':
                 if not self._resp_drop:
                     self._out(False, self._resp_ex, value)
+            elif kind == 'run':
+                # whole answers no behavior acts on (their entries in
+                # expected are gone already)
+                self._out(False, None, value[0])
             elif kind == 'start':
                 if not self._start_response(value):
                     return False
