@@ -215,12 +215,28 @@ class ValueScanner(object):
 _LINES = frozenset(b'+-:')
 
 
+def _bulks(buf, pos, most):
+    """``(count, end)`` of the whole bulk strings (up to *most*, at least
+    two) from *pos* on, when they hold no CRLF: split at CRLF, the bytes
+    give header and payload in turn, and the headers must be the
+    payloads' lengths (then that framing is the only one).  ``(0, pos)``
+    when they are not that plain."""
+    parts = buf[pos:].split(b'\r\n', 2 * most)
+    pairs = (len(parts) - 1) // 2
+    if pairs < 2:
+        return 0, pos
+    heads = parts[0:2 * pairs:2]
+    sizes = tuple(map(len, parts[1:2 * pairs:2]))
+    if b'\n'.join(heads) != (b'$%d\n' * pairs % sizes)[:-1]:
+        return 0, pos
+    return pairs, pos + sum(map(len, heads)) + sum(sizes) + 4 * pairs
+
+
 def _run_array(buf, pos, end):
     """Where the RESP2 array at *pos* ends (an array of bulk strings,
     integers and simple strings, one level), or -1 when it is not all there
     or not that simple (the parser frames it).  Bulk strings without CRLF
-    in them are checked all at once: splitting at CRLF gives header and
-    payload in turn, and the headers must be the payloads' lengths."""
+    in them are checked all at once (``_bulks``)."""
     found = _ARRAY.match(buf, pos)
     if found is None:
         return -1
@@ -228,12 +244,10 @@ def _run_array(buf, pos, end):
     at = found.end()
     if count <= 0:
         return at
-    parts = buf[at:].split(b'\r\n', 2 * count) if count > 8 else ()
-    if len(parts) > 2 * count:
-        heads = parts[0:2 * count:2]
-        sizes = tuple(map(len, parts[1:2 * count:2]))
-        if b'\n'.join(heads) == (b'$%d\n' * count % sizes)[:-1]:
-            return at + sum(map(len, heads)) + sum(sizes) + 4 * count
+    if count > 8:
+        taken, end_at = _bulks(buf, at, count)
+        if taken == count:
+            return end_at
     bulk = _BULK.match
     while count:
         if at >= end:
@@ -392,6 +406,22 @@ class Redis(FramedProtocol):
                     break
                 known, known_info = exchange, info
             kind = buf[pos]
+            if kind == 36 and len(expected) > 3:
+                # a pipeline's replies: as many at once as there are
+                # entries alike (checked one by one, cheaper than a reply)
+                alike = 0
+                for other, other_info in expected:
+                    if other is not exchange or other_info is not info:
+                        break
+                    alike += 1
+                    if alike == 1024:
+                        break
+                taken, at = _bulks(buf, pos, alike)
+                if taken:
+                    for _ in range(taken):
+                        expected.popleft()
+                    pos = at
+                    continue
             if kind == 36:                          # '$'
                 found = bulk(buf, pos)
                 if found is None:
