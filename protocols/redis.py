@@ -134,6 +134,14 @@ class ValueScanner(object):
             if pos >= end:
                 return pos
             kind = buf[pos]
+            if kind == 36 and stack[-1] > 2 and not self.chunked:
+                # elements of an aggregate (or arguments): the whole bulk
+                # strings there at once, the last one left to the loop
+                taken, at = _bulks(buf, pos, stack[-1] - 1)
+                if taken:
+                    stack[-1] -= taken
+                    pos = at
+                    continue
             # the type tells at once whether the bytes can be RESP
             if self.chunked:
                 if kind != 59:      # ';'
@@ -221,6 +229,24 @@ def _bulks(buf, pos, most):
     give header and payload in turn, and the headers must be the
     payloads' lengths (then that framing is the only one).  ``(0, pos)``
     when they are not that plain."""
+    found = _BULK.match(buf, pos)
+    if found is None:
+        return 0, pos
+    size = int(found[1])
+    if size >= 0:
+        # strings of one size (LRANGE of alike values, a pipeline's GETs):
+        # each byte of their headers and CRLFs checked for all at once, a
+        # stride apart
+        step = found.end() - pos + size + 2
+        count = min(most, (len(buf) - pos) // step)
+        if count >= 2:
+            run = buf[pos:pos + step * count]
+            head = run[:step - size - 2] + b'\r\n'
+            if all(run[index::step] == head[index:index + 1] * count
+                   for index in range(len(head) - 2)) and \
+                    run[step - 2::step] == b'\r' * count and \
+                    run[step - 1::step] == b'\n' * count:
+                return count, pos + step * count
     parts = buf[pos:].split(b'\r\n', 2 * most)
     pairs = (len(parts) - 1) // 2
     if pairs < 2:
