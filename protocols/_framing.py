@@ -63,9 +63,12 @@ RUN = 'run'         # (RUN, fn) -> None: whole messages at once, see below
 # RUN is the fast lane of a parser at a message boundary.  fn(buf, pos)
 # returns (newpos, infos): buf[pos:newpos] is a run of whole messages, one
 # info each (a 'run' event carries both), or (pos, None) when it takes
-# none.  While fn takes every byte there is, the instruction waits for the
-# next ones and calls fn again; it hands back to the generator as soon as
-# fn stops short of the end (at a message it leaves to the generator: one
+# none; or (newpos, None, messages): whole messages each to be its own,
+# [(end, start info, end info)] in order, as START, the bytes and END
+# would give them (for when behaviors may act: each is an exchange).
+# While fn takes every byte there is, the instruction waits for the next
+# ones and calls fn again; it hands back to the generator as soon as fn
+# stops short of the end (at a message it leaves to the generator: one
 # that is not all there yet, or that it does not frame itself), and at the
 # end of the stream.  So a run never sits on bytes: the generator gets
 # them, checks them and streams them as before.
@@ -128,18 +131,34 @@ class StreamParser(object):
         if pos >= len(buf):
             return None
         try:
-            newpos, infos = instr[1](buf, pos)
+            result = instr[1](buf, pos)
         except Exception as exc:
             self._failed(exc)
             return None
-        if newpos >= len(buf):
+        if result[0] >= len(buf) and len(result) == 2:
             self.buf, self.pos = b'', 0
-            return buf[pos:], infos
-        if newpos > pos:
-            self.events.append(('run', (buf[pos:newpos], infos)))
-            self.pos = newpos
-        self._done()
+            return buf[pos:], result[1]
+        self._ran(buf, pos, result)
+        if result[0] < len(buf):
+            self._done()
         return None
+
+    def _ran(self, buf, pos, result):
+        """The events of what a RUN function took (*result*)."""
+        newpos = result[0]
+        if newpos <= pos:
+            return
+        self._emit_held()
+        events = self.events
+        if len(result) > 2:
+            for end, start, stop in result[2]:
+                events.append(('start', start))
+                events.append(('data', buf[pos:end]))
+                events.append(('end', stop))
+                pos = end
+        else:
+            events.append(('run', (buf[pos:newpos], result[1])))
+        self.pos = newpos
 
     def unget(self, event):
         self.events.appendleft(event)
@@ -221,15 +240,12 @@ class StreamParser(object):
                     return True
                 return False
             try:
-                newpos, infos = instr[1](buf, pos)
+                result = instr[1](buf, pos)
             except Exception as exc:
                 self._failed(exc)
                 return True
-            if newpos > pos:
-                self._emit_held()
-                self.events.append(('run', (buf[pos:newpos], infos)))
-                self.pos = newpos
-            if newpos < len(buf):
+            self._ran(buf, pos, result)
+            if result[0] < len(buf):
                 self._done()
             return True
         if kind == LINE:

@@ -219,6 +219,8 @@ class ValueScanner(object):
         return pos
 
 
+#: the info of a reply's START and END (shared: never changed)
+_REPLY = {}
 #: the types of a reply that is one line
 _LINES = frozenset(b'+-:')
 
@@ -363,12 +365,15 @@ class Redis(FramedProtocol):
 
     def run_commands(self, buf, pos):
         """RUN function of the client's stream: the complete commands from
-        *pos* on that no behavior can act on and that leave the framing as
-        it is (no SUBSCRIBE, CLIENT REPLY...), framed by their lengths
-        alone, their arguments never read."""
-        if not self._set_up or self._req_push or self._reply != 'on' or \
-                self.quiet() is None:
+        *pos* on that leave the framing as it is (no SUBSCRIBE, CLIENT
+        REPLY...), framed by their lengths alone, their arguments never
+        read: a run while no behavior can act on them, else one message
+        each."""
+        if not self._set_up or self._req_push or self._reply != 'on':
             return pos, None
+        # while a behavior may act, each command is its own message (an
+        # exchange each), framed as the parser would
+        each = self.quiet() is None
         infos = []
         head, after, kinds = _HEAD.match, _NEXT.match, self._infos
         while True:
@@ -395,8 +400,13 @@ class Redis(FramedProtocol):
                 left -= 1
             if left or buf[at:at + 2] != b'\r\n':
                 break
-            infos.append(info)
             pos = at + 2
+            if each:
+                infos.append((pos, info, info))
+            else:
+                infos.append(info)
+        if each:
+            return pos, None, infos
         return pos, infos
 
     def _plain_info(self, name):
@@ -413,26 +423,34 @@ class Redis(FramedProtocol):
 
     def run_replies(self, buf, pos):
         """RUN function of the backend's stream: the complete replies
-        from *pos* on to plain commands that no behavior acts on."""
-        if self._resp_push:
+        from *pos* on to plain commands: a run while no behavior acts on
+        them (their entries leave ``expected`` at once), else one message
+        each (they leave it as their ENDs are handled)."""
+        expected = self.expected
+        if self._resp_push or not expected:
             return pos, None
-        expected = self.answers_pass()
-        if not expected:
-            return pos, None
+        quick = self.answers_pass() is not None
         end = len(buf)
         bulk = _BULK.match
-        # the last exchange and info found to pass (a run's share them)
+        run = None          # a run, or messages: the first reply says
+        messages = []
+        index = 0           # into expected, for messages
+        # the last exchange and info found to fit (a run's share them)
         known = known_info = None
-        while expected and pos < end:
-            exchange, info = expected[0]
+        while index < len(expected) and pos < end:
+            exchange, info = expected[index]
             if exchange is not known or info is not known_info:
                 if 'cmd' not in info or 'enter_push' in info or \
-                        'hello' in info or 'drop_answer' in info or \
-                        not self.passes(exchange):
+                        'hello' in info or 'drop_answer' in info:
+                    break
+                passes = quick and self.passes(exchange)
+                if run is None:
+                    run = passes
+                elif run and not passes:
                     break
                 known, known_info = exchange, info
             kind = buf[pos]
-            if kind == 36 and len(expected) > 3:
+            if kind == 36 and run and len(expected) > 3:
                 # a pipeline's replies: as many at once as there are
                 # entries alike (checked one by one, cheaper than a reply)
                 alike = 0
@@ -452,7 +470,7 @@ class Redis(FramedProtocol):
                 found = bulk(buf, pos)
                 if found is None:
                     break
-                size = int(found.group(1))
+                size = int(found[1])
                 at = found.end()
                 if size >= 0:
                     at += size + 2
@@ -468,8 +486,14 @@ class Redis(FramedProtocol):
                     break
             else:
                 break
-            expected.popleft()
+            if run:
+                expected.popleft()
+            else:
+                messages.append((at, _REPLY, _REPLY))
+                index += 1
             pos = at
+        if messages:
+            return pos, None, messages
         return pos, None
 
     # requests
