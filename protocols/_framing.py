@@ -172,7 +172,8 @@ class StreamParser(object):
 
     def rest(self):
         """Every byte received and not passed on yet; stops the parser."""
-        parts = [value for kind, value in self.events if kind == 'data']
+        parts = [value if kind == 'data' else value[0]
+                 for kind, value in self.events if kind in ('data', 'run')]
         parts.append(bytes(self.held))
         parts.append(bytes(self.buf[self.pos:]))
         self.events.clear()
