@@ -255,6 +255,24 @@ class RedisExactTest(ExactCase):
         self.assertEqual(got, self.backend.reply)
         self.assertEqual(self.counts()['dummy'] - before, 5)
 
+    def test_a_broken_reply_in_a_run_is_refused(self):
+        # bulk strings of one size, one of them without its CRLF: the
+        # parser refuses it (pass-through from there, one warning), and so
+        # must the fast lane, however it checks runs
+        commands = [resp(b'GET', b'k%d' % i) for i in range(6)]
+        for bad in (2, 5):
+            replies = [bulk(b'abc')] * 6
+            replies[bad] = b'$3\r\nabcXY'
+            self.backend.expect = b''.join(commands)
+            self.backend.reply, self.backend.split = b''.join(replies), 0
+            del self.warnings.lines[:]
+            got = talk(self.server.address, self.backend.expect, 0,
+                       len(self.backend.reply))
+            self.assertEqual(got, self.backend.reply)
+            self.assertEqual(len(self.warnings.lines), 1,
+                             self.warnings.lines)
+            self.assertIn('cannot frame', self.warnings.lines[0])
+
     def test_exchanges_in_the_connection_summary(self):
         # the fast lane counts per request, as the connection's summary
         # and statistics tell
