@@ -73,7 +73,13 @@ _FAST_CHUNK = re.compile(br'([0-9A-Fa-f]{1,8})\r\n')
 #: answers change the framing, or wait for the body, or it has no length)
 _FAST_NOT = re.compile(br'\r\n(?:transfer-encoding|expect|upgrade):', re.I)
 _INFOS_KEPT = 64
-_HEADS_KEPT = 16
+# What the fast lane found of a head depends on its bytes alone: kept for
+# every connection (a new connection per request meets the same heads),
+# a few of them (a dict's get and set need no lock)
+_HEADS_KEPT = 64
+_REQUEST_HEADS = {}     # request head -> (info, body length)
+_RESPONSE_HEADS = {}    # response head -> body length, -1: chunked
+_INFOS = {}             # (method, close) -> the fast lane's info (shared)
 
 _status_line = template_check('an HTTP/1.x status line', [
     b'H', b'T', b'T', b'P', b'/', b'1', br'\.', b'[0-9]', b' ', b'[0-9]',
@@ -210,12 +216,6 @@ class HTTP(FramedProtocol):
     #: a final answer: a 1xx would leave the client waiting for another
     error_codes = vaurien.Range(200, 599)
 
-    def __init__(self, settings=None, proxy=None):
-        super(HTTP, self).__init__(settings, proxy)
-        self._infos = {}        # (method, close) -> the fast lane's info
-        self._heads_up = {}     # request head -> (info, body length)
-        self._heads_down = {}   # response head -> body length, -1: chunked
-
     # the fast lane: whole runs of plain requests and their responses
 
     def run_requests(self, buf, pos):
@@ -227,17 +227,17 @@ class HTTP(FramedProtocol):
             return pos, None
         infos = []
         end = len(buf)
-        heads = self._heads_up
+        heads = _REQUEST_HEADS
         while pos < end:
             # (a head shorter than a line may be: within every limit)
             stop = buf.find(b'\r\n\r\n', pos, pos + MAX_REQUEST_LINE) + 4
             if stop < 4:
                 break
-            # a client repeats its heads: one seen is framed as before
+            # clients repeat their heads: one seen is framed as before
             head = buf[pos:stop]
             known = heads.get(head)
             if known is None:
-                known = _request_head(head, self._infos)
+                known = _request_head(head, _INFOS)
                 if known is None:
                     break
                 _keep(heads, head, known)
@@ -257,7 +257,7 @@ class HTTP(FramedProtocol):
         if not expected:
             return pos, None
         end = len(buf)
-        heads = self._heads_down
+        heads = _RESPONSE_HEADS
         while expected and pos < end:
             exchange, info = expected[0]
             method = info.get('method')
