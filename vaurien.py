@@ -1919,6 +1919,10 @@ class Mix(object):
                 self.single = (name, behavior)
         self.per_connection = any(b.scope == 'connection' for _, _, b in
                                   self._table)
+        #: whether a behavior of the mix has a match (requests must then
+        #: be described whole: see RequestMatch)
+        self.matching = any(part.match is not None
+                            for part in self.behaviors())
         # behaviors that act before the backend connection is made
         self.openers = [(p, n, instances[n]) for n, p in active
                         if instances[n].opens]
@@ -3006,8 +3010,8 @@ class Connection(object):
         #: ``{to_backend: (hooks, streams)}`` of the proxy's toxics acting
         #: on this connection; None: none does
         self.toxic_plan = None
-        #: the toxics' behaviors in toxic_plan, when one has a match
-        self._toxics_matching = None
+        #: the toxics in toxic_plan, when one has a match (None: none has)
+        self.toxics_matching = None
         self._toxics_seen = 0           # the toxics' generation last seen
         self._draws = {}                # toxic -> (its version, it acts)
         self.protocol = None
@@ -3044,7 +3048,7 @@ class Connection(object):
         server = self.server
         name, behavior = self.picker.pick(number, text)
         toxics = None
-        if self._toxics_matching:
+        if self.toxics_matching:
             toxics = self._toxics_for(number, request, text)
         if behavior is server.dummy and toxics is None:
             exchange = self.plain
@@ -3057,6 +3061,26 @@ class Connection(object):
         self.behaviors_met[name] += 1
         if server.statsd.enabled:
             server.statsd.incr('behavior.' + name)
+        return exchange
+
+    def pass_exchanges(self, count, single):
+        """Count *count* exchanges that meet *single*, the ``(name,
+        behavior)`` of a mix that is one passive behavior (``mix.single``):
+        what start_exchange does for each, without a draw (there is none
+        to make) nor an object each.  Returns the exchange they share (it
+        keeps nothing: no hook of a passive behavior runs)."""
+        name, behavior = single
+        self.exchanges += count
+        self.behaviors_met[name] += count
+        server = self.server
+        if server.statsd.enabled:
+            for _ in range(count):
+                server.statsd.incr('behavior.' + name)
+        if behavior is server.dummy or name == 'dummy':
+            exchange = self.plain
+        else:
+            exchange = Exchange(self, self.exchanges, name, behavior)
+        self.exchange = exchange
         return exchange
 
     def state_of(self, behavior):
@@ -3084,19 +3108,19 @@ class Connection(object):
             self._draws[toxic] = (toxic.version, acts)
             if acts and not toxic.behavior.passive:
                 chosen.append(toxic)
-        self._toxics_matching = None
+        self.toxics_matching = None
         if not chosen:
             self.toxic_plan = None
             return
         self.toxic_plan = _plan([toxic.behavior for toxic in chosen])
         if any(toxic.behavior.match is not None for toxic in chosen):
-            self._toxics_matching = chosen
+            self.toxics_matching = chosen
 
     def _toxics_for(self, number, request, text):
         # the toxics that act on exchange *number*, whose request is
         # *text*, when some have a match (None: all of toxic_plan); a
         # toxic's match is decided on each request it takes
-        chosen = self._toxics_matching
+        chosen = self.toxics_matching
         acting = []
         for toxic in chosen:
             match = toxic.behavior.match

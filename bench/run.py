@@ -53,14 +53,19 @@ PACKAGES = {
     "nginx": "nginx-light (or nginx)",
     "wrk": "wrk",
     "socat": "socat",
+    "memcached": "memcached",
+    "mariadbd": "mariadb-server",
+    "sysbench": "sysbench",
 }
 
 # Durations/sizes: (full, quick)
 SETTINGS = {
     "full": dict(iperf_s=4, wrk_s=4, redis_c1_n=20000, redis_c50_n=30000,
-                 redis_p16_n=100000, hold_n=3000, lat_n=20000),
+                 redis_p16_n=100000, hold_n=3000, lat_n=20000,
+                 redis_big_n=400, redis_lrange_n=10000, kv_s=4),
     "quick": dict(iperf_s=1, wrk_s=1, redis_c1_n=4000, redis_c50_n=6000,
-                  redis_p16_n=20000, hold_n=1000, lat_n=4000),
+                  redis_p16_n=20000, hold_n=1000, lat_n=4000,
+                  redis_big_n=100, redis_lrange_n=2000, kv_s=1),
 }
 
 
@@ -412,6 +417,9 @@ class IperfBackend(Backend):
 # stores a 3-byte value there (redis-benchmark's default -d) so GET hits
 REDIS_KEY = b"key:__rand_int__"
 REDIS_VALUE = b"xxx"
+# a 1 MB value and a list of 600 elements (redis-benchmark's lrange_600)
+REDIS_BIG_KEY, REDIS_BIG_SIZE = b"big", 1 << 20
+REDIS_LIST, REDIS_LIST_SIZE = b"list600", 600
 
 
 def resp_command(*words):
@@ -429,12 +437,92 @@ class RedisBackend(Backend):
                 "--maxclients", "10000"]
 
     def after_start(self):
-        cmd = resp_command(b"SET", REDIS_KEY, REDIS_VALUE)
+        cmds = [resp_command(b"SET", REDIS_KEY, REDIS_VALUE),
+                resp_command(b"SET", REDIS_BIG_KEY, b"v" * REDIS_BIG_SIZE),
+                resp_command(b"DEL", REDIS_LIST),
+                resp_command(b"RPUSH", REDIS_LIST,
+                             *[REDIS_VALUE] * REDIS_LIST_SIZE)]
+        want = b"+OK\r\n+OK\r\n:0\r\n:%d\r\n" % REDIS_LIST_SIZE
         with socket.create_connection((HOST, self.port), timeout=5) as s:
-            s.sendall(cmd)
+            s.sendall(b"".join(cmds))
+            reply = b""
+            while len(reply) < len(want):
+                more = s.recv(100)
+                if not more:
+                    break
+                reply += more
+        if reply != want:
+            raise BenchError("redis set-up failed: %r" % reply)
+
+
+class MemcachedBackend(Backend):
+    name = "memcached"
+
+    def command(self):
+        cmd = ["memcached", "-l", HOST, "-p", str(self.port), "-U", "0",
+               "-m", "64", "-c", "4096"]
+        if os.geteuid() == 0:
+            cmd += ["-u", "root"]
+        return cmd
+
+    def after_start(self):
+        with socket.create_connection((HOST, self.port), timeout=5) as s:
+            s.sendall(b"set key 0 0 %d\r\n%s\r\n" % (len(REDIS_VALUE),
+                                                      REDIS_VALUE))
             reply = s.recv(100)
-        if not reply.startswith(b"+OK"):
-            raise BenchError("redis SET failed: %r" % reply)
+        if reply != b"STORED\r\n":
+            raise BenchError("memcached set failed: %r" % reply)
+
+
+class MariadbBackend(Backend):
+    """A throw-away MariaDB (user vaurien/vaurien, database sbtest) with
+    sysbench's oltp tables prepared."""
+    name = "mariadb"
+
+    def command(self):
+        data = os.path.join(self.tmp, "mariadb")
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        if not os.path.isdir(data):
+            install = tool_path("mariadb-install-db") or \
+                tool_path("mysql_install_db")
+            rc, out, err = run([install, "--no-defaults", "--datadir=" + data,
+                                "--auth-root-authentication-method=normal",
+                                "--skip-test-db"] + user, timeout=120)
+            if rc != 0:
+                raise BenchError("mariadb-install-db failed: %s"
+                                 % (out + err)[-300:])
+        init = os.path.join(self.tmp, "mariadb-init.sql")
+        with open(init, "w") as f:
+            f.write("CREATE DATABASE IF NOT EXISTS sbtest;\n"
+                    "CREATE USER IF NOT EXISTS 'vaurien'@'%' IDENTIFIED BY "
+                    "'vaurien';\nGRANT ALL ON *.* TO 'vaurien'@'%';\n")
+        return [tool_path("mariadbd") or tool_path("mysqld"), "--no-defaults",
+                "--datadir=" + data,
+                "--socket=" + os.path.join(self.tmp, "mariadb.sock"),
+                "--port=%d" % self.port, "--bind-address=" + HOST,
+                "--pid-file=" + os.path.join(self.tmp, "mariadb.pid"),
+                "--skip-log-bin", "--innodb-buffer-pool-size=64M",
+                "--max-connections=1000", "--init-file=" + init] + user
+
+    def start(self):
+        self.port = free_port()
+        self.proc = spawn(self.command(), log_path=self.log, cwd=self.tmp)
+        wait_listen(self.port, self.proc, 60, self.name, self.log)
+        self.after_start()
+
+    def after_start(self):
+        rc, out, err = run(sysbench_cmd(self.port, "prepare"), timeout=120)
+        if rc != 0:
+            raise BenchError("sysbench prepare failed: %s"
+                             % (out + err).strip()[-300:])
+
+
+def sysbench_cmd(port, action, threads=1, secs=1):
+    return ["sysbench", "oltp_point_select", "--db-driver=mysql",
+            "--mysql-host=" + HOST, "--mysql-port=%d" % port,
+            "--mysql-user=vaurien", "--mysql-password=vaurien",
+            "--mysql-db=sbtest", "--tables=1", "--table-size=10000",
+            "--threads=%d" % threads, "--time=%d" % secs, action]
 
 
 class NginxBackend(Backend):
@@ -529,16 +617,17 @@ def w_iperf(ctx, port, proxy, reverse):
     raise BenchError(str(last))
 
 
-def w_redis(ctx, port, proxy, clients, pipeline, n_key):
+def w_redis(ctx, port, proxy, clients, pipeline, n_key, command=None):
     n = ctx.cfg[n_key]
     cmd = ["redis-benchmark", "-h", HOST, "-p", str(port), "-c", str(clients),
-           "-n", str(n), "-t", "get", "--csv"]
+           "-n", str(n), "--csv"]
+    cmd += command or ["-t", "get"]
     if pipeline > 1:
         cmd += ["-P", str(pipeline)]
     # redis-benchmark keeps retrying when connections are reset: bound it
     rc, out, err = run(cmd, timeout=60 + n // 2000)
     for row in csv.DictReader(io.StringIO(out)):
-        if row.get("test") == "GET":
+        if row.get("test") == "GET" or (command and row.get("rps")):
             res = {"value": float(row["rps"])}
             if clients == 1:
                 res["p50_ms"] = float(row["p50_latency_ms"])
@@ -579,6 +668,70 @@ def w_latency(ctx, port, proxy):
         return times[min(len(times) - 1, int(p * len(times)))] * 1e6
     return {"value": (n + warm) / elapsed, "p50_us": pct(0.50),
             "p99_us": pct(0.99), "p999_us": pct(0.999)}
+
+
+def w_memcache(ctx, port, proxy, conns):
+    """GET after GET on *conns* connections at once, for kv_s seconds: the
+    client is a child process of this harness (one thread, a selector),
+    the same for every variant."""
+    secs = ctx.cfg["kv_s"]
+    rc, out, err = run([sys.executable, os.path.abspath(__file__),
+                        "--memcache-load", "%d,%d,%d" % (port, conns, secs)],
+                       timeout=secs + 30)
+    m = re.match(r"ops (\d+) secs ([\d.]+) bad (\d+)", out)
+    if rc != 0 or not m:
+        raise BenchError("memcache load rc=%s: %s" % (rc, (out + err)[-300:]))
+    if int(m.group(3)):
+        raise BenchError("memcache load: %s bad answers" % m.group(3))
+    return {"value": int(m.group(1)) / float(m.group(2))}
+
+
+def memcache_load(port, conns, secs):
+    """The memcache client (run in a child process): prints its count."""
+    request = b"get key\r\n"
+    answer = b"VALUE key 0 %d\r\n%s\r\nEND\r\n" % (len(REDIS_VALUE),
+                                                      REDIS_VALUE)
+    sel = selectors.DefaultSelector()
+    got = {}
+    for _ in range(conns):
+        s = socket.create_connection((HOST, port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        got[s] = b""
+    ops = bad = 0
+    start = time.monotonic()
+    deadline = start + secs
+    for s in got:
+        s.send(request)
+    while time.monotonic() < deadline:
+        for key, _ in sel.select(1.0):
+            s = key.fileobj
+            data = s.recv(65536)
+            if not data:
+                raise SystemExit("connection closed")
+            got[s] += data
+            while len(got[s]) >= len(answer):
+                if got[s][:len(answer)] != answer:
+                    bad += 1
+                got[s] = got[s][len(answer):]
+                ops += 1
+                s.send(request)
+    print("ops %d secs %.3f bad %d" % (ops, time.monotonic() - start, bad))
+
+
+def w_sysbench(ctx, port, proxy, threads):
+    secs = ctx.cfg["kv_s"]
+    rc, out, err = run(sysbench_cmd(port, "run", threads, secs),
+                       timeout=secs + 60)
+    m = re.search(r"queries:\s+\d+\s+\(([\d.]+) per sec", out)
+    if rc != 0 or not m:
+        raise BenchError("sysbench rc=%s: %s" % (rc, (out + err)[-300:]))
+    res = {"value": float(m.group(1))}
+    m = re.search(r"95th percentile:\s+([\d.]+)", out)
+    if m:
+        res["p95_ms"] = float(m.group(1))
+    return res
 
 
 _WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -714,11 +867,25 @@ WORKLOADS = [
              ["nginx", "wrk"], "nginx", "http", w_wrk, close=False),
     Workload("wrk-close", "wrk Conn:close c50", "req/s",
              ["nginx", "wrk"], "nginx", "http", w_wrk, close=True),
+    Workload("redis-1mb", "redis GET 1MB -c4", "req/s",
+             ["redis-server", "redis-benchmark"], "redis", "redis", w_redis,
+             clients=4, pipeline=1, n_key="redis_big_n",
+             command=["GET", REDIS_BIG_KEY.decode()]),
+    Workload("redis-lrange600", "redis LRANGE 600 -c50", "req/s",
+             ["redis-server", "redis-benchmark"], "redis", "redis", w_redis,
+             clients=50, pipeline=1, n_key="redis_lrange_n",
+             command=["LRANGE", REDIS_LIST.decode(), "0", "599"]),
+    Workload("memcache-get", "memcache get c20", "req/s", ["memcached"],
+             "memcached", "memcache", w_memcache, conns=20),
+    Workload("mysql-select", "sysbench point_select t8", "q/s",
+             ["mariadbd", "sysbench"], "mariadb", "mysql", w_sysbench,
+             threads=8),
     Workload("hold", "hold N conns", "conn/s", [], "echo", None, w_hold),
 ]
 
 BACKENDS = {"echo": EchoBackend, "iperf3": IperfBackend,
-            "redis": RedisBackend, "nginx": NginxBackend}
+            "redis": RedisBackend, "nginx": NginxBackend,
+            "memcached": MemcachedBackend, "mariadb": MariadbBackend}
 
 
 # --------------------------------------------------------------------------
@@ -739,7 +906,7 @@ class Variant:
 
     @property
     def is_vaurien(self):
-        return self.name.startswith("vaurien")
+        return self.name.startswith(("vaurien", "v+"))
 
     @property
     def is_proxy(self):
@@ -835,13 +1002,21 @@ def build_variants(args, notes):
         except BenchError as exc:
             notes.append("`--list` failed: %s" % exc)
     protos = protocols_listed(listing)
-    for proto in ("redis", "http"):
+    for proto in ("redis", "http", "memcache", "mysql"):
         if proto in protos:
             variants.append(Variant("vaurien+" + proto,
                                     make(["--protocol", proto]), proto=proto))
         else:
             notes.append("protocol %r not in `vaurien.py --list`: "
                          "vaurien+%s skipped" % (proto, proto))
+    if "redis" in protos:
+        # a behavior active on every exchange that does nothing (issue 14)
+        variants.append(Variant("v+redis+delay0", make(
+            ["--protocol", "redis", "--behavior", "100:delay",
+             "--behavior-delay-sleep", "0"]), proto="redis"))
+        variants.append(Variant("v+redis+errwarm", make(
+            ["--protocol", "redis", "--behavior", "100:error",
+             "--behavior-error-warmup", "1000000000"]), proto="redis"))
     return variants
 
 
@@ -1025,8 +1200,9 @@ def notes_for(wl, vname, runs, direct_runs):
 
 
 def table(ctx):
-    cols = [("workload", 20, "<"), ("variant", 14, "<"), ("median", 9, ">"),
+    cols = [("workload", 20, "<"), ("variant", 15, "<"), ("median", 9, ">"),
             ("unit", 6, "<"), ("/direct", 7, ">"), ("v/socat", 7, ">"),
+            ("/vaurien", 8, ">"),
             ("cpu s", 6, ">"), ("+-%", 4, ">"), ("n", 2, ">"),
             ("notes", 0, "<")]
 
@@ -1046,6 +1222,10 @@ def table(ctx):
         socat = ctx.results.get((wl.name, "socat"), [])
         dmed = median_of(direct, "value")
         smed = median_of(socat, "value")
+        vmed = median_of(ctx.results.get((wl.name, "vaurien"), []), "value")
+        # a behavior's variant against the protocol's pass-through
+        pmed = median_of(ctx.results.get((wl.name, "vaurien+" + str(
+            wl.proto)), []), "value")
         first = True
         for v in ctx.variants:
             if not v.applies(wl):
@@ -1071,11 +1251,17 @@ def table(ctx):
             if errs:
                 note = (note + ", " if note else "") + \
                     "%d failed" % len(errs)
+            if v.name.startswith("v+") and med and pmed:
+                note = (note + ", " if note else "") + \
+                    "%.3f of vaurien+%s" % (med / pmed, wl.proto)
             lines.append(row([
                 title if first else "", v.name, fmt(med),
                 wl.unit,
                 "%.3f" % (med / dmed) if med and dmed else "-",
                 "%.3f" % (med / smed) if (v.is_proxy and med and smed)
+                else "-",
+                "%.3f" % (med / vmed) if (v.is_vaurien and v.name !=
+                                          "vaurien" and med and vmed)
                 else "-",
                 fmt(median_of(runs, "cpu_s")) if v.argv_fn else "-",
                 "%.0f" % spread if spread is not None else "-",
@@ -1088,9 +1274,11 @@ LEGEND = """\
 median: median over rounds (higher is better; conn/s = N / time to open N
   connections and get every unique payload echoed).  /direct: median / the
   direct median.  v/socat: a proxy's median (vaurien variants, toxiproxy)
-  / socat median.  vaurien-server, toxiproxy: a proxy made through
-  Toxiproxy's API, with one latency toxic of 0 ms; "Nx toxiproxy": the
-  vaurien-server median / the toxiproxy median.  cpu s:
+  / socat median.  /vaurien: variant median / plain vaurien's median (the
+  protocol modes' cost; "of vaurien+P": a behavior's variant / the
+  protocol's pass-through, issue 14).  vaurien-server, toxiproxy: a proxy
+  made through Toxiproxy's API, with one latency toxic of 0 ms; "Nx
+  toxiproxy": the vaurien-server median / the toxiproxy median.  cpu s:
   user+sys CPU seconds of the proxy process (threads, children) from the
   start of the workload until the proxy is quiet again (at most 5 s after
   the load ends; "busy>5s after k/n": not quiet by then), median.  +-%:
@@ -1122,6 +1310,10 @@ def only(parser, text, names, what):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memcache-load"]:
+        memcache_load(*[int(x) for x in argv[1].split(",")])
+        return 0
     parser = argparse.ArgumentParser(
         description="vaurien benchmark harness (see bench/README.txt)",
         epilog="workloads: " + ", ".join(w.name for w in WORKLOADS))

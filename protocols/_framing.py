@@ -35,6 +35,7 @@ such a line would stall a client that the server itself answers at once.
 """
 
 import collections
+import itertools
 import re
 import socket
 
@@ -60,6 +61,24 @@ END = 'end'         # (END, info) -> None: the message ends here
 REPLACE = 'replace'  # (REPLACE, data): what was read unemitted becomes data
 FLUSH = 'flush'     # (FLUSH,) -> None: pass on what was read unemitted
 PASS = 'pass'       # (PASS, reason): stop framing, plain pass-through
+RUN = 'run'         # (RUN, fn) -> None: whole messages at once, see below
+
+# RUN is the fast lane of a parser at a message boundary.  fn(buf, pos)
+# returns (newpos, infos): buf[pos:newpos] is a run of whole messages, one
+# info each (a 'run' event carries both), or (pos, None) when it takes
+# none; or (newpos, None, messages): whole messages each to be its own,
+# [(end, start info, end info)] in order, as START, the bytes and END
+# would give them (for when behaviors may act: each is an exchange).
+# While fn takes every byte there is, the instruction waits for the next
+# ones and calls fn again; it hands back to the generator as soon as fn
+# stops short of the end (at a message it leaves to the generator: one
+# that is not all there yet, or that it does not frame itself), and at the
+# end of the stream.  So a run never sits on bytes: the generator gets
+# them, checks them and streams them as before.
+
+
+#: an exchange's plan one way when no behavior acts that way
+_IDLE = ((), ())
 
 
 _SQL_LEAD = re.compile(r'\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*', re.S)
@@ -95,7 +114,7 @@ class StreamParser(object):
     """
 
     def __init__(self, generator):
-        self.buf = bytearray()
+        self.buf = b''
         self.pos = 0
         self.held = bytearray()
         self.events = collections.deque()
@@ -107,13 +126,61 @@ class StreamParser(object):
         self._value = None
 
     def feed(self, data):
-        if self.pos:
-            del self.buf[:self.pos]
-            self.pos = 0
-        self.buf += data
+        # bytes, not a bytearray: a read that is passed on whole (the
+        # usual case) is never copied, and slices of it are bytes already
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self.pos >= len(self.buf):
+            self.buf = data
+        else:
+            self.buf = self.buf[self.pos:] + data
+        self.pos = 0
 
     def feed_eof(self):
         self.eof = True
+
+    def run_now(self):
+        """The fast lane of the fast lane: when the generator waits at a
+        RUN instruction and nothing else is pending, carry it out; returns
+        the run ``(data, infos)`` when its function took every byte there
+        (no event: the caller passes them on), else None (and the events
+        are what ``_step`` makes of it)."""
+        instr = self._instr
+        if self._resume or instr is None or instr[0] is not RUN or \
+                self.events or self.held or self.finished:
+            return None
+        buf, pos = self.buf, self.pos
+        if pos >= len(buf):
+            return None
+        try:
+            result = instr[1](buf, pos)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        if result[0] >= len(buf) and len(result) == 2:
+            self.buf, self.pos = b'', 0
+            return buf[pos:], result[1]
+        self._ran(buf, pos, result)
+        if result[0] < len(buf):
+            self._done()
+        return None
+
+    def _ran(self, buf, pos, result):
+        """The events of what a RUN function took (*result*)."""
+        newpos = result[0]
+        if newpos <= pos:
+            return
+        self._emit_held()
+        events = self.events
+        if len(result) > 2:
+            for end, start, stop in result[2]:
+                events.append(('start', start))
+                events.append(('data', buf[pos:end]))
+                events.append(('end', stop))
+                pos = end
+        else:
+            events.append(('run', (buf[pos:newpos], result[1])))
+        self.pos = newpos
 
     def unget(self, event):
         self.events.appendleft(event)
@@ -127,12 +194,13 @@ class StreamParser(object):
 
     def rest(self):
         """Every byte received and not passed on yet; stops the parser."""
-        parts = [value for kind, value in self.events if kind == 'data']
+        parts = [value if kind == 'data' else value[0]
+                 for kind, value in self.events if kind in ('data', 'run')]
         parts.append(bytes(self.held))
         parts.append(bytes(self.buf[self.pos:]))
         self.events.clear()
         self.held = bytearray()
-        self.buf = bytearray()
+        self.buf = b''
         self.pos = 0
         self.finished = True
         self._gen.close()
@@ -188,6 +256,21 @@ class StreamParser(object):
         buf = self.buf
         pos = self.pos
         avail = len(buf) - pos
+        if kind == RUN:
+            if not avail:
+                if self.eof:
+                    self._done()
+                    return True
+                return False
+            try:
+                result = instr[1](buf, pos)
+            except Exception as exc:
+                self._failed(exc)
+                return True
+            self._ran(buf, pos, result)
+            if result[0] < len(buf):
+                self._done()
+            return True
         if kind == LINE:
             limit = instr[1]
             index = buf.find(b'\n', pos, pos + limit)
@@ -195,7 +278,7 @@ class StreamParser(object):
                 # the check first: it names the trouble better
                 if len(instr) > 3 and instr[3] is not None and avail:
                     try:
-                        instr[3](bytes(buf[pos:pos + limit]))
+                        instr[3](buf[pos:pos + limit])
                     except Exception as exc:
                         self._failed(exc)
                         return True
@@ -203,7 +286,7 @@ class StreamParser(object):
                     self._fail('no end of line within %d bytes' % limit)
                     return True
                 return False
-            value = bytes(buf[pos:index + 1])
+            value = buf[pos:index + 1]
             self.pos = index + 1
             self._take(value, len(instr) < 3 or instr[2])
             self._done(value)
@@ -216,7 +299,7 @@ class StreamParser(object):
             if not avail:
                 return False
             take = min(count, avail)
-            self._take(bytes(buf[pos:pos + take]), True)
+            self._take(buf[pos:pos + take], True)
             self.pos = pos + take
             if take == count:
                 self._done()
@@ -230,7 +313,7 @@ class StreamParser(object):
                 self._failed(exc)
                 return True
             if newpos > pos:
-                self._take(bytes(buf[pos:newpos]), True)
+                self._take(buf[pos:newpos], True)
                 self.pos = newpos
             if done:
                 self._done(result)
@@ -240,7 +323,7 @@ class StreamParser(object):
             count = instr[1]
             if avail < count:
                 return False
-            value = bytes(buf[pos:pos + count])
+            value = buf[pos:pos + count]
             self.pos = pos + count
             self._take(value, len(instr) < 3 or instr[2])
             self._done(value)
@@ -249,7 +332,7 @@ class StreamParser(object):
             count = instr[1]
             if avail < count and not (self.eof and avail):
                 return False
-            self._done(bytes(buf[pos:pos + count]))
+            self._done(buf[pos:pos + count])
             return True
         if kind == START:
             self.events.append(('start', instr[1]))
@@ -271,7 +354,7 @@ class StreamParser(object):
             return True
         if kind == ALL:
             if avail:
-                self._take(bytes(buf[pos:]), True)
+                self._take(buf[pos:], True)
                 self.pos = len(buf)
                 return True
             if self.eof:
@@ -407,6 +490,7 @@ class FramedProtocol(BaseProtocol):
         self._serve_ended = False
         self._serve_lost = False
         self._consumed = []
+        self._single = None         # what quiet() saw last
 
     # what subclasses write
 
@@ -423,6 +507,47 @@ class FramedProtocol(BaseProtocol):
         if self.expected:
             return self.expected[0][1]
         return None
+
+    # what subclasses may use for their fast lanes (RUN instructions)
+
+    def quiet(self):
+        """``(name, behavior)`` of the one passive behavior that every
+        request of this connection meets now, when no behavior nor toxic
+        can act on it: then requests may pass in runs (a RUN function
+        returns their infos, each awaiting one answer), counted as
+        exchanges of that behavior without a draw; else None.  A RUN
+        function of requests asks at each call: a behavior switched on
+        meanwhile acts from the next request on."""
+        conn = self.connection
+        single = conn.server.mix.single
+        if single is None or not single[1].passive or \
+                conn.toxic_plan is not None:
+            return None
+        self._single = single
+        return single
+
+    def described(self):
+        """Whether each request must be described whole now (its info's
+        ``text``), because a behavior or a toxic with a match is in force:
+        a RUN function that hands requests one by one leaves them to the
+        parser then."""
+        conn = self.connection
+        return conn.server.mix.matching or conn.toxics_matching is not None
+
+    def answers_pass(self):
+        """The deque of ``(exchange, request info)`` awaiting answers, when
+        answers may pass in runs at all (no toxic acts on this connection);
+        else None.  A RUN function of answers takes one only while
+        ``passes(exchange)`` says no behavior acts on it, and pops its entry
+        (``expected.popleft()``) as it takes it."""
+        if self.connection.toxic_plan is not None:
+            return None
+        return self.expected
+
+    def passes(self, exchange):
+        """Whether no behavior acts on *exchange*'s answer."""
+        return exchange is self.connection.plain or \
+            exchange.plan[False] == _IDLE
 
     # the engine's side
 
@@ -454,18 +579,18 @@ class FramedProtocol(BaseProtocol):
             parts.append((exchange, [data]))
 
     def _flush(self):
-        for to_backend in (True, False):
-            parts = self._up if to_backend else self._down
-            if not parts:
-                continue
-            if to_backend:
-                self._up = []
-            else:
-                self._down = []
-            for exchange, chunks in parts:
-                data = b''.join(chunks)
-                if data:
-                    self._dest(to_backend, exchange).sendall(data)
+        if self._up:
+            parts, self._up = self._up, []
+            self._send_parts(True, parts)
+        if self._down:
+            parts, self._down = self._down, []
+            self._send_parts(False, parts)
+
+    def _send_parts(self, to_backend, parts):
+        for exchange, chunks in parts:
+            data = chunks[0] if len(chunks) == 1 else b''.join(chunks)
+            if data:
+                self._dest(to_backend, exchange).sendall(data)
 
     def _get_data(self, sock, buffer=None):
         """While a behavior's hook runs, serve it the bytes of the current
@@ -512,6 +637,20 @@ class FramedProtocol(BaseProtocol):
                                     self.backend)
         if data:
             parser.feed(data)
+            run = parser.run_now()
+            if run is not None and not (self._up or self._down):
+                # what a run takes, nothing acts on (no toxic, a passive
+                # behavior): straight on, as plain tcp sends it
+                if to_backend:
+                    self._count_run(run[1])
+                    self.backend.sendall(run[0])
+                else:
+                    self.client.sendall(run[0])
+                return True
+            if run is not None:
+                self._queue_run(to_backend, run)
+                self._flush()
+                return True
         else:
             parser.feed_eof()
         if not pump():
@@ -536,6 +675,8 @@ class FramedProtocol(BaseProtocol):
             if kind == 'data':
                 if self._req_mode == 'forward':
                     self._out(True, self._req_ex, value)
+            elif kind == 'run':
+                self._queue_run(True, value)
             elif kind == 'start':
                 if not self._start_request(value):
                     return False
@@ -546,6 +687,24 @@ class FramedProtocol(BaseProtocol):
                 self._fall_back(kind, value, "client's stream")
         self._flush()
         return True
+
+    def _count_run(self, infos):
+        """Whole requests that a RUN function took while quiet(): counted
+        as exchanges of the passive behavior it saw, each awaiting its
+        answer.  Returns the exchange they share."""
+        exchange = self.connection.pass_exchanges(len(infos), self._single)
+        self.expected.extend(zip(itertools.repeat(exchange), infos))
+        return exchange
+
+    def _queue_run(self, to_backend, run):
+        """A run ``(data, infos)`` of requests or answers, queued for the
+        next flush."""
+        if to_backend:
+            self._out(True, self._count_run(run[1]), run[0])
+        else:
+            # answers no behavior acts on (their entries in expected are
+            # gone already)
+            self._out(False, None, run[0])
 
     def _start_request(self, info):
         if info.get('setup'):
@@ -637,6 +796,8 @@ class FramedProtocol(BaseProtocol):
             if kind == 'data':
                 if not self._resp_drop:
                     self._out(False, self._resp_ex, value)
+            elif kind == 'run':
+                self._queue_run(False, value)
             elif kind == 'start':
                 if not self._start_response(value):
                     return False

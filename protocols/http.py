@@ -10,9 +10,9 @@ import re
 
 import vaurien
 
-from ._framing import (ALL, END, LINE, PASS, PEEK, REPLACE, SKIP, START,
-                       FLUSH, FramedProtocol, FramingError, cannot_start,
-                       number, template_check)
+from ._framing import (ALL, END, LINE, PASS, PEEK, REPLACE, RUN, SKIP,
+                       START, FLUSH, FramedProtocol, FramingError,
+                       cannot_start, number, template_check)
 
 # Requests: no line is held longer than the servers in front of which the
 # proxy sits take it.  nginx (large_client_header_buffers 4 8k) answers 414
@@ -53,6 +53,33 @@ _WHOLE_STATUS_LINE = re.compile(br'HTTP/1\.[0-9] [0-9]{3}[ \r\n]')
 _HEADER_LINE = re.compile(
     br'[^\x00-\x20\x7f:]+(?::[^\x00]*)?|[ \t][^\x00]*|\r\n?|\n|')
 _CHUNK_LINE = re.compile(br'[0-9A-Fa-f]+[ \t]*(?:;[^\x00\n]*)?')
+
+# The fast lane (HTTP.run_requests, run_responses): a head whose lines all
+# end in CRLF, no folded line, every header a name and its colon; what it
+# does not match, the parsers frame, and judge
+_FAST_REQUEST_LINE = re.compile(
+    br'(' + _METHOD + br') (' + _TARGET + br') HTTP/1\.([0-9])\r\n')
+_FAST_STATUS_LINE = re.compile(br'HTTP/1\.[0-9] ([0-9]{3})[ \r]')
+_FAST_HEADERS = re.compile(br'(?:[^\x00-\x20\x7f:]+:[^\x00\r\n]*\r\n)*\r\n')
+# the headers the fast lane reads, at a line's start (the CRLF before)
+_FAST_LENGTH = re.compile(
+    br'\r\ncontent-length:[ \t]*([0-9]{1,15})[ \t]*\r\n', re.I)
+_FAST_LENGTHS = re.compile(br'\r\ncontent-length:', re.I)
+_FAST_CONNECTION = re.compile(br'\r\nconnection:([^\r]*)', re.I)
+_FAST_CHUNKED = re.compile(br'\r\ntransfer-encoding:(?:[ \t]*(chunked)'
+                           br'[ \t]*\r\n)?', re.I)
+_FAST_CHUNK = re.compile(br'([0-9A-Fa-f]{1,8})\r\n')
+#: the headers of requests the fast lane leaves to the parser (their
+#: answers change the framing, or wait for the body, or it has no length)
+_FAST_NOT = re.compile(br'\r\n(?:transfer-encoding|expect|upgrade):', re.I)
+_INFOS_KEPT = 64
+# What the fast lane found of a head depends on its bytes alone: kept for
+# every connection (a new connection per request meets the same heads),
+# a few of them (a dict's get and set need no lock)
+_HEADS_KEPT = 64
+_REQUEST_HEADS = {}     # request head -> (info, body length)
+_RESPONSE_HEADS = {}    # response head -> body length, -1: chunked
+_INFOS = {}             # (method, close) -> the fast lane's info (shared)
 
 _status_line = template_check('an HTTP/1.x status line', [
     b'H', b'T', b'T', b'P', b'/', b'1', br'\.', b'[0-9]', b' ', b'[0-9]',
@@ -189,10 +216,81 @@ class HTTP(FramedProtocol):
     #: a final answer: a 1xx would leave the client waiting for another
     error_codes = vaurien.Range(200, 599)
 
+    # the fast lane: whole runs of plain requests and their responses
+
+    def run_requests(self, buf, pos):
+        """RUN function of the client's stream: the whole requests from
+        *pos* on (head and Content-Length body) that no behavior can act
+        on, when their heads are plain (HTTP/1.1, CRLF lines, no chunked
+        body, no Expect, no Upgrade, no CONNECT, no Host to rewrite)."""
+        if self.quiet() is None or self.option('overwrite_host_header'):
+            return pos, None
+        infos = []
+        end = len(buf)
+        heads = _REQUEST_HEADS
+        while pos < end:
+            # (a head shorter than a line may be: within every limit)
+            stop = buf.find(b'\r\n\r\n', pos, pos + MAX_REQUEST_LINE) + 4
+            if stop < 4:
+                break
+            # clients repeat their heads: one seen is framed as before
+            head = buf[pos:stop]
+            known = heads.get(head)
+            if known is None:
+                known = _request_head(head, _INFOS)
+                if known is None:
+                    break
+                _keep(heads, head, known)
+            at = stop + known[1]
+            if at > end:
+                break
+            infos.append(known[0])
+            pos = at
+        return pos, infos
+
+    def run_responses(self, buf, pos):
+        """RUN function of the backend's stream: the whole responses from
+        *pos* on (a Content-Length or a plain chunked body) to requests no
+        behavior acts on; interim, 101, 204, 304 and answers to HEAD are
+        left to the parser."""
+        expected = self.answers_pass()
+        if not expected:
+            return pos, None
+        end = len(buf)
+        heads = _RESPONSE_HEADS
+        while expected and pos < end:
+            exchange, info = expected[0]
+            method = info.get('method')
+            if method == b'HEAD' or method == b'CONNECT' or \
+                    not self.passes(exchange):
+                break
+            stop = buf.find(b'\r\n\r\n', pos, pos + MAX_LINE) + 4
+            if stop < 4:
+                break
+            head = buf[pos:stop]
+            length = heads.get(head)
+            if length is None:
+                length = _response_head(head)
+                if length is None:
+                    break
+                _keep(heads, head, length)
+            if length < 0:
+                at = _chunks(buf, stop, end)
+                if at < 0:
+                    break
+            else:
+                at = stop + length
+                if at > end:
+                    break
+            expected.popleft()
+            pos = at
+        return pos, None
+
     # requests
 
     def parse_requests(self):
         while True:
+            yield (RUN, self.run_requests)
             line = yield (LINE, MAX_REQUEST_LINE, False, _request_line)
             if _WHOLE_REQUEST_LINE.fullmatch(line) is None:
                 _request_line(line)         # a blank line, or it raises
@@ -253,6 +351,7 @@ class HTTP(FramedProtocol):
 
     def parse_responses(self):
         while True:
+            yield (RUN, self.run_responses)
             yield (PEEK, 1)
             line = yield (LINE, MAX_LINE, False, _status_line)
             if _WHOLE_STATUS_LINE.match(line) is None:
@@ -311,6 +410,97 @@ class HTTP(FramedProtocol):
         if request.get('method') == b'HEAD' or code in (204, 304):
             body = b''
         return ('\r\n'.join(head) + '\r\n\r\n').encode('latin-1') + body
+
+
+def _request_head(head, infos):
+    """``(info, body length)`` of a request *head* (bytes, its blank line
+    included) the fast lane takes, or None; *infos* keeps the infos, one
+    per method and close (shared: never changed)."""
+    found = _FAST_REQUEST_LINE.match(head)
+    if found is None:
+        return None
+    method = found[1]
+    line_end = found.end() - 2
+    if method == b'CONNECT' or found[3] == b'0' or \
+            _FAST_HEADERS.fullmatch(head, found.end()) is None or \
+            _FAST_NOT.search(head, line_end):
+        return None
+    length = _body_length(head, line_end, 0)
+    if length < 0:
+        return None
+    close = False
+    for found in _FAST_CONNECTION.finditer(head, line_end):
+        if b'close' in [token.strip().lower() for token in
+                        found[1].split(b',')]:
+            close = True
+    info = infos.get((method, close))
+    if info is None:
+        info = {'method': method.upper(), 'close': close,
+                'continue': False, 'request': method.decode('latin-1')}
+        if len(infos) < _INFOS_KEPT:
+            infos[(method, close)] = info
+    return info, length
+
+
+def _response_head(head):
+    """The body length of a response *head* the fast lane takes, -1 for
+    a plain chunked body, or None."""
+    found = _FAST_STATUS_LINE.match(head)
+    if found is None:
+        return None
+    status = int(found[1])
+    line_end = head.find(b'\r\n') + 2
+    if status < 200 or status in (204, 304) or \
+            _FAST_HEADERS.fullmatch(head, line_end) is None:
+        return None
+    coding = _FAST_CHUNKED.search(head, line_end - 2)
+    if coding is not None:
+        if coding[1] is None or _FAST_CHUNKED.search(head,
+                                                     coding.end() - 2):
+            return None
+        return -1
+    # none: the body ends with the connection
+    length = _body_length(head, line_end - 2, None)
+    return None if length < 0 else length
+
+
+def _body_length(head, start, missing):
+    """The one Content-Length of the header lines of *head* from *start*
+    on (CRLF before each), *missing* when there is none, or -1 when it
+    is not that plain."""
+    found = _FAST_LENGTH.search(head, start)
+    if found is None:
+        if missing is None or _FAST_LENGTHS.search(head, start):
+            return -1
+        return missing
+    if _FAST_LENGTHS.search(head, found.end() - 2):
+        return -1
+    return int(found[1])
+
+
+def _keep(cache, key, value):
+    """Keep *value* for *key* in a small *cache* (a dict)."""
+    if len(cache) >= _HEADS_KEPT:
+        cache.clear()
+    cache[key] = value
+
+
+def _chunks(buf, pos, end):
+    """Where the plain chunked body at *pos* ends (chunk sizes alone on
+    their lines, no trailer), or -1 when it is not all there or not that
+    plain."""
+    chunk = _FAST_CHUNK.match
+    while True:
+        found = chunk(buf, pos)
+        if found is None:
+            return -1
+        size = int(found.group(1), 16)
+        pos = found.end() + size
+        if buf[pos:pos + 2] != b'\r\n':
+            return -1
+        pos += 2
+        if not size:
+            return pos
 
 
 def _escape(text):

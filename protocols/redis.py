@@ -11,9 +11,9 @@ import re
 
 import vaurien
 
-from ._framing import (FLUSH, END, LINE, PASS, PEEK, READ, SCAN, SKIP, START,
-                       FramedProtocol, FramingError, cannot_start, refuse,
-                       word_check)
+from ._framing import (FLUSH, END, LINE, PASS, PEEK, READ, RUN, SCAN, SKIP,
+                       START, FramedProtocol, FramingError, cannot_start,
+                       refuse, word_check)
 from ._framing import words_text
 
 # Redis refuses an inline command, or the line of a count or a length, as
@@ -40,6 +40,19 @@ _UNSUBSCRIBED = frozenset([b'unsubscribe', b'punsubscribe', b'sunsubscribe'])
 #: what client libraries send as they connect, before any other command:
 #: the connection's set-up, never an exchange (afterwards, they are)
 SET_UP = frozenset([b'HELLO', b'AUTH', b'CLIENT', b'SELECT', b'READONLY'])
+#: commands that change how the streams are framed: the fast lane leaves
+#: them to the parsers
+_FRAMING = _SUBSCRIBE | frozenset([b'MONITOR', b'HELLO', b'CLIENT', b'RESET',
+                                   b'SYNC', b'PSYNC'])
+
+# The fast lane's patterns (see Redis.run_commands and run_replies): what
+# they do not match, the parsers frame, and judge
+_HEAD = re.compile(br'\*([1-9][0-9]{0,6})\r\n\$([1-9][0-9]?)\r\n([^\r\n]{1,64})')
+_NEXT = re.compile(br'\r\n\$([0-9]{1,10})\r\n')
+_BULK = re.compile(br'\$(-1|[0-9]{1,10})\r\n')
+_ARRAY = re.compile(br'\*(-1|[0-9]{1,7})\r\n')
+#: the info of a plain command's request (shared: never changed)
+_NAMES_KEPT = 512
 
 
 def _count_line(line):
@@ -122,6 +135,14 @@ class ValueScanner(object):
             if pos >= end:
                 return pos
             kind = buf[pos]
+            if kind == 36 and stack[-1] > 2 and not self.chunked:
+                # elements of an aggregate (or arguments): the whole bulk
+                # strings there at once, the last one left to the loop
+                taken, at = _bulks(buf, pos, stack[-1] - 1)
+                if taken:
+                    stack[-1] -= taken
+                    pos = at
+                    continue
             # the type tells at once whether the bytes can be RESP
             if self.chunked:
                 if kind != 59:      # ';'
@@ -199,6 +220,88 @@ class ValueScanner(object):
         return pos
 
 
+#: the info of a reply's START and END (shared: never changed)
+_REPLY = {}
+#: the types of a reply that is one line
+_LINES = frozenset(b'+-:')
+
+
+def _bulks(buf, pos, most):
+    """``(count, end)`` of the whole bulk strings (up to *most*, at least
+    two) from *pos* on, when they hold no CRLF: split at CRLF, the bytes
+    give header and payload in turn, and the headers must be the
+    payloads' lengths (then that framing is the only one).  ``(0, pos)``
+    when they are not that plain."""
+    found = _BULK.match(buf, pos)
+    if found is None:
+        return 0, pos
+    size = int(found[1])
+    if size >= 0:
+        # strings of one size (LRANGE of alike values, a pipeline's GETs):
+        # each byte of their headers and CRLFs checked for all at once, a
+        # stride apart
+        step = found.end() - pos + size + 2
+        count = min(most, (len(buf) - pos) // step)
+        if count >= 2:
+            run = buf[pos:pos + step * count]
+            head = run[:step - size - 2] + b'\r\n'
+            if all(run[index::step] == head[index:index + 1] * count
+                   for index in range(len(head) - 2)) and \
+                    run[step - 2::step] == b'\r' * count and \
+                    run[step - 1::step] == b'\n' * count:
+                return count, pos + step * count
+    parts = buf[pos:].split(b'\r\n', 2 * most)
+    pairs = (len(parts) - 1) // 2
+    if pairs < 2:
+        return 0, pos
+    heads = parts[0:2 * pairs:2]
+    sizes = tuple(map(len, parts[1:2 * pairs:2]))
+    if b'\n'.join(heads) != (b'$%d\n' * pairs % sizes)[:-1]:
+        return 0, pos
+    return pairs, pos + sum(map(len, heads)) + sum(sizes) + 4 * pairs
+
+
+def _run_array(buf, pos, end):
+    """Where the RESP2 array at *pos* ends (an array of bulk strings,
+    integers and simple strings, one level), or -1 when it is not all there
+    or not that simple (the parser frames it).  Bulk strings without CRLF
+    in them are checked all at once (``_bulks``)."""
+    found = _ARRAY.match(buf, pos)
+    if found is None:
+        return -1
+    count = int(found.group(1))
+    at = found.end()
+    if count <= 0:
+        return at
+    if count > 8:
+        taken, end_at = _bulks(buf, at, count)
+        if taken == count:
+            return end_at
+    bulk = _BULK.match
+    while count:
+        if at >= end:
+            return -1
+        kind = buf[at]
+        if kind == 36:
+            found = bulk(buf, at)
+            if found is None:
+                return -1
+            size = int(found.group(1))
+            at = found.end()
+            if size >= 0:
+                at += size + 2
+                if at > end or buf[at - 2:at] != b'\r\n':
+                    return -1
+        elif kind == 58 or kind == 43:              # ':', '+'
+            at = buf.find(b'\r\n', at, at + MAX_LINE) + 2
+            if at < 2:
+                return -1
+        else:
+            return -1
+        count -= 1
+    return at
+
+
 def decode_small(data):
     """A recorded value's top level: a list of str/int (or one of them),
     or None when it is not complete or not that simple."""
@@ -257,11 +360,150 @@ class Redis(FramedProtocol):
         self._monitor = False
         self._reply = 'on'          # CLIENT REPLY: on, off, skip
         self._set_up = False        # a command past the set-up came
+        self._infos = {}            # command name -> its info, or None
+
+    # the fast lane: whole runs of plain commands and their replies
+
+    def run_commands(self, buf, pos):
+        """RUN function of the client's stream: the complete commands from
+        *pos* on that leave the framing as it is (no SUBSCRIBE, CLIENT
+        REPLY...), framed by their lengths alone, their arguments never
+        read: a run while no behavior can act on them, else one message
+        each."""
+        if not self._set_up or self._req_push or self._reply != 'on':
+            return pos, None
+        # while a behavior may act, each command is its own message (an
+        # exchange each), framed as the parser would
+        each = self.quiet() is None
+        if each and self.described():
+            return pos, None
+        infos = []
+        head, after, kinds = _HEAD.match, _NEXT.match, self._infos
+        while True:
+            found = head(buf, pos)
+            if found is None:
+                break
+            count, size, name = found[1], found[2], found[3]
+            if len(name) != int(size):
+                break
+            info = kinds.get(name, False)
+            if info is False:
+                info = self._plain_info(name)
+            if info is None:
+                break
+            # each argument's header starts with the CRLF ending the one
+            # before: one match checks both
+            at = found.end()
+            left = int(count) - 1
+            while left:
+                found = after(buf, at)
+                if found is None:
+                    break
+                at = found.end() + int(found[1])
+                left -= 1
+            if left or buf[at:at + 2] != b'\r\n':
+                break
+            pos = at + 2
+            if each:
+                infos.append((pos, info, info))
+            else:
+                infos.append(info)
+        if each:
+            return pos, None, infos
+        return pos, infos
+
+    def _plain_info(self, name):
+        """The shared info of command *name* (bytes) on the fast lane, or
+        None when the parser must frame it."""
+        upper = name.upper()
+        info = None
+        if upper not in _FRAMING and len(name) <= 64:
+            info = {'cmd': upper, 'replies': 1,
+                    'request': upper.decode('latin-1')}
+        if len(self._infos) < _NAMES_KEPT:
+            self._infos[name] = info
+        return info
+
+    def run_replies(self, buf, pos):
+        """RUN function of the backend's stream: the complete replies
+        from *pos* on to plain commands: a run while no behavior acts on
+        them (their entries leave ``expected`` at once), else one message
+        each (they leave it as their ENDs are handled)."""
+        expected = self.expected
+        if self._resp_push or not expected:
+            return pos, None
+        quick = self.answers_pass() is not None
+        end = len(buf)
+        bulk = _BULK.match
+        run = None          # a run, or messages: the first reply says
+        messages = []
+        index = 0           # into expected, for messages
+        # the last exchange and info found to fit (a run's share them)
+        known = known_info = None
+        while index < len(expected) and pos < end:
+            exchange, info = expected[index]
+            if exchange is not known or info is not known_info:
+                if 'cmd' not in info or 'enter_push' in info or \
+                        'hello' in info or 'drop_answer' in info:
+                    break
+                passes = quick and self.passes(exchange)
+                if run is None:
+                    run = passes
+                elif run and not passes:
+                    break
+                known, known_info = exchange, info
+            kind = buf[pos]
+            if kind == 36 and run and len(expected) > 3:
+                # a pipeline's replies: as many at once as there are
+                # entries alike (checked one by one, cheaper than a reply)
+                alike = 0
+                for other, other_info in expected:
+                    if other is not exchange or other_info is not info:
+                        break
+                    alike += 1
+                    if alike == 1024:
+                        break
+                taken, at = _bulks(buf, pos, alike)
+                if taken:
+                    for _ in range(taken):
+                        expected.popleft()
+                    pos = at
+                    continue
+            if kind == 36:                          # '$'
+                found = bulk(buf, pos)
+                if found is None:
+                    break
+                size = int(found[1])
+                at = found.end()
+                if size >= 0:
+                    at += size + 2
+                    if at > end or buf[at - 2:at] != b'\r\n':
+                        break
+            elif kind in _LINES:
+                at = buf.find(b'\r\n', pos, pos + MAX_LINE) + 2
+                if at < 2:
+                    break
+            elif kind == 42:                        # '*'
+                at = _run_array(buf, pos, end)
+                if at < 0:
+                    break
+            else:
+                break
+            if run:
+                expected.popleft()
+            else:
+                messages.append((at, _REPLY, _REPLY))
+                index += 1
+            pos = at
+        if messages:
+            return pos, None, messages
+        return pos, None
 
     # requests
 
     def parse_requests(self):
         while True:
+            yield (RUN, self.run_commands)
             first = yield (PEEK, 1)
             if first == b'*':
                 line = yield (LINE, MAX_LINE, False, _count_line)
@@ -381,6 +623,7 @@ class Redis(FramedProtocol):
 
     def parse_responses(self):
         while True:
+            yield (RUN, self.run_replies)
             first = yield (PEEK, 1)
             info = self.awaited()
             if self._resp_push or first == b'>':
