@@ -1262,7 +1262,7 @@ class Dummy(_Configurable):
     passive, hooks, streams, opens, whole_proxy = False, True, False, False, \
         False
     upstream = downstream = True
-    scope, gated, plan, match = 'exchange', False, None, None
+    scope, gated, plan, match, answers = 'exchange', False, None, None, True
 
     def __init__(self):
         self.settings = {}
@@ -1296,7 +1296,15 @@ class Dummy(_Configurable):
         self.gated = bool(get('after') or get('every', 1) != 1 or
                           get('times') or get('clients') or self.match)
         self._networks = _parse_networks(get('clients', ''))
+        self.answers = self.hooks_act_on_answers()
         self.plan = _plan([self])
+
+    def hooks_act_on_answers(self):
+        """Whether this behavior's socket hooks do anything to answers
+        (data towards the client) with the options in force: when they do
+        not, the engine does not call them there, and answers pass as
+        under dummy.  The default: they may."""
+        return True
 
     def acts(self, to_backend):
         """Whether this behavior acts on data going this way."""
@@ -1359,7 +1367,7 @@ def _plan(parts):
     for to_backend in (True, False):
         plan[to_backend] = (
             tuple(part for part in parts if part.hooks and
-                  part.acts(to_backend)),
+                  part.acts(to_backend) and (to_backend or part.answers)),
             tuple(part for part in parts if part.streams and
                   part.acts(to_backend)))
     return plan
@@ -1425,6 +1433,9 @@ class Delay(Dummy):
                    "after it went, before the answer is relayed (false)",
                    bool, True),
     }
+
+    def hooks_act_on_answers(self):
+        return False
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         if to_backend and self.option('before'):
@@ -1495,6 +1506,9 @@ class Error(_Counted):
 
     def _erring(self, protocol):
         return self._next_count(protocol) >= self.option('warmup')
+
+    def hooks_act_on_answers(self):
+        return self.option('inject')
 
     def on_before_handle(self, protocol, source, dest, to_backend):
         exchange = protocol.connection.exchange

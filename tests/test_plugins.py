@@ -270,5 +270,42 @@ class RegistryTest(unittest.TestCase):
         self.assertIs(vaurien.Behavior.get('delay'), vaurien.Delay)
 
 
+class AnswersHookTest(unittest.TestCase):
+    """A behavior whose hooks_act_on_answers() says no is not called on
+    answers: they pass as under dummy; by default it is."""
+
+    def calls(self, answers):
+        from tests.test_protocols import Pair, read_some
+        seen = []
+
+        class Counting(vaurien.Dummy):
+            name = 'counting-%s' % answers
+
+            def hooks_act_on_answers(self):
+                return answers
+
+            def on_before_handle(self, protocol, source, dest, to_backend):
+                seen.append(to_backend)
+                return True
+
+        vaurien.Behavior.register(Counting)
+        pair = Pair('redis', Counting.name)
+        self.addCleanup(pair.close)
+        for _ in range(3):
+            pair.client.sendall(b'GET a\r\n')
+            self.assertEqual(read_some(pair.backend, 7, support.TIMEOUT),
+                             b'GET a\r\n')
+            pair.backend.sendall(b'$-1\r\n')
+            self.assertEqual(read_some(pair.client, 5, support.TIMEOUT),
+                             b'$-1\r\n')
+        return seen
+
+    def test_answers_skipped(self):
+        self.assertEqual(self.calls(False), [True, True, True])
+
+    def test_answers_by_default(self):
+        self.assertEqual(self.calls(True).count(False), 3)
+
+
 if __name__ == '__main__':
     unittest.main()
