@@ -71,6 +71,7 @@ def _first_word(sql):
     found = _FIRST_WORD.match(sql)
     return found.group(1)[:32].upper().decode('ascii') if found else 'QUERY'
 
+
 #: error number -> (SQLSTATE, message), for the error behavior
 ERRORS = {
     1040: ('08004', 'Too many connections'),

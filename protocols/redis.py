@@ -47,7 +47,8 @@ _FRAMING = _SUBSCRIBE | frozenset([b'MONITOR', b'HELLO', b'CLIENT', b'RESET',
 
 # The fast lane's patterns (see Redis.run_commands and run_replies): what
 # they do not match, the parsers frame, and judge
-_HEAD = re.compile(br'\*([1-9][0-9]{0,6})\r\n\$([1-9][0-9]?)\r\n([^\r\n]{1,64})')
+_HEAD = re.compile(
+    br'\*([1-9][0-9]{0,6})\r\n\$([1-9][0-9]?)\r\n([^\r\n]{1,64})')
 _NEXT = re.compile(br'\r\n\$([0-9]{1,10})\r\n')
 _BULK = re.compile(br'\$(-1|[0-9]{1,10})\r\n')
 _ARRAY = re.compile(br'\*(-1|[0-9]{1,7})\r\n')
