@@ -6808,6 +6808,10 @@ def serve(proxies, control=None, spare_cpus=()):
             finally:
                 signal.set_wakeup_fd(old_wakeup)
         if signum:
+            # the connections give way to this thread and to the
+            # accepting ones while they stop (see _ApiFirst): else each
+            # of their steps waits for the GIL behind every busy one
+            API_FIRST.enter()
             if spare_cpus:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, spare_cpus)
