@@ -403,18 +403,27 @@ class ToxicsTest(ApiTestCase):
                          ('slow', 'downstream', 'echo', 'latency'))
 
     def test_metrics_move_while_a_connection_is_open(self):
+        listen = self.api.proxies.get('echo').listen
+        lines = [line % (listen, self.echo.port) for line in (
+            'toxiproxy_proxy_received_bytes_total{direction="upstream",'
+            'listener="%s",proxy="echo",upstream="127.0.0.1:%d"} 5',
+            'toxiproxy_proxy_sent_bytes_total{direction="downstream",'
+            'listener="%s",proxy="echo",upstream="127.0.0.1:%d"} 5')]
         with support.connect(self.address) as sock:
             support.exchange(sock, b'12345')
-            status, headers, body = self.api.call('GET', '/metrics')
-        text = body.decode()
+            # the client may read the echo before the proxy's thread,
+            # back from its send, counts it: a moment's grace
+            deadline = time.time() + support.TIMEOUT
+            while True:
+                status, headers, body = self.api.call('GET', '/metrics')
+                text = body.decode()
+                if all(line in text for line in lines) or \
+                        time.time() > deadline:
+                    break
+                time.sleep(0.01)
         self.assertEqual(status, 200)
-        listen = self.api.proxies.get('echo').listen
-        for line in (
-                'toxiproxy_proxy_received_bytes_total{direction="upstream",'
-                'listener="%s",proxy="echo",upstream="127.0.0.1:%d"} 5',
-                'toxiproxy_proxy_sent_bytes_total{direction="downstream",'
-                'listener="%s",proxy="echo",upstream="127.0.0.1:%d"} 5'):
-            self.assertIn(line % (listen, self.echo.port), text)
+        for line in lines:
+            self.assertIn(line, text)
         self.assertIn('vaurien_connections_open{proxy="echo"} 1', text)
 
 
