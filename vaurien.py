@@ -2914,12 +2914,12 @@ class _ApiFirst(object):
         self._rest_end = 0.0        # the traffic's turn lasts until then
         self._keeper = False
         #: true while connections must call give_way at their next step
-        self.until = 0.0
+        self.busy = False
 
     def enter(self):
         with self._lock:
             self._active += 1
-            self.until = 1.0
+            self.busy = True
             if self._closed_at is None and _now() >= self._rest_end:
                 self._close(_now())
 
@@ -2935,7 +2935,7 @@ class _ApiFirst(object):
                 self._linger_end = _now() + self.linger
 
     def give_way(self):
-        """Called by connection threads while ``until`` is set: returns
+        """Called by connection threads while ``busy`` is true: returns
         once they may go on."""
         keeper = False
         while True:
@@ -2954,7 +2954,7 @@ class _ApiFirst(object):
         # (the lock held) how long the traffic must still wait, or None
         now = _now()
         if not self._active and now >= self._linger_end:
-            self.until = 0.0            # the API is done
+            self.busy = False           # the API is done
             self._reopen()
             return None
         if self._closed_at is None:
@@ -3236,7 +3236,7 @@ class Connection(object):
         idle = self.server.idle_timeout
         api_first = API_FIRST
         while duplex.busy() and not self.aborted:
-            if api_first.until:
+            if api_first.busy:
                 api_first.give_way()
             timeout, timer = idle, False
             due = duplex.due()
@@ -6843,6 +6843,25 @@ def serve(proxies, control=None, spare_cpus=()):
     logger.info('stopped')
 
 
+def _check_log(log, settings):
+    """VaurienError when the log could not be written at start-up."""
+    if log.failure is not None:
+        raise VaurienError('cannot write the log to %r: %s (give '
+                           '--log-output a writable path)' % (
+                               settings['log_output'],
+                               _os_error_text(log.failure)))
+
+
+def _close_all(control, proxies, server):
+    # what a start that failed had opened already
+    if control is not None:
+        control.server_close()
+    if proxies is not None:
+        proxies.close_all()
+    elif server is not None:
+        server.server_close()
+
+
 def _on_stop_signal(signum, frame):
     """Nothing to do here: the wake-up byte tells serve()."""
 
@@ -6923,21 +6942,12 @@ def main(argv=None):
             if setting.ignored and settings[setting.name] is not None:
                 logger.warning('ignoring Vaurien 1.x setting %s: %s',
                                setting.name, setting.ignored)
-        if log.failure is not None:
-            raise VaurienError('cannot write the log to %r: %s (give '
-                               '--log-output a writable path)' % (
-                                   settings['log_output'],
-                                   _os_error_text(log.failure)))
+        _check_log(log, settings)
         log.warn = True
         if settings['ready_file']:
             write_ready_file(settings['ready_file'], server, control)
     except VaurienError as exc:
-        if control is not None:
-            control.server_close()
-        if proxies is not None:
-            proxies.close_all()
-        elif server is not None:
-            server.server_close()
+        _close_all(control, proxies, server)
         sys.stderr.write('vaurien: error: %s\n' % exc)
         return 2
     serve(proxies, control, allowed - {cpu} if cpu is not None else ())
@@ -7003,15 +7013,9 @@ def server_main(argv):
              __version__, format_address(control.address),
              ' (bearer token required)' if control.token else '',
              len(proxies.names()))
-        if log.failure is not None:
-            raise VaurienError('cannot write the log to %r: %s'
-                               % (settings['log_output'],
-                                  _os_error_text(log.failure)))
+        _check_log(log, settings)
     except VaurienError as exc:
-        if control is not None:
-            control.server_close()
-        if proxies is not None:
-            proxies.close_all()
+        _close_all(control, proxies, None)
         sys.stderr.write('vaurien server: error: %s\n' % exc)
         return 2
     serve(proxies, control, allowed - {cpu} if cpu is not None else ())
