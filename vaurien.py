@@ -2564,7 +2564,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 self.totals['sent_up'] += conn.backend.sent
             if conn.backend is None:
                 self.totals['backend_errors'] += 1
-            self._closed_exchanges.update(conn.met())
+            closed = self._closed_exchanges
+            for name, count in conn.behaviors_met.items():
+                closed[name] += count
 
     def decide(self, conn, number, behavior, request=None, toxic=None,
                matched=None):
@@ -3013,7 +3015,7 @@ class Connection(object):
         self.bytes_up = 0       # read from the client
         self.bytes_down = 0     # read from the backend
         self.exchanges = 0
-        self.behaviors_met = collections.Counter()
+        self.behaviors_met = {}     # behavior name -> exchanges (see met)
         #: a dict for plugins (per behavior, prefer new_state/state_of)
         self.state = {}
         self._states = {}
@@ -3064,15 +3066,16 @@ class Connection(object):
         toxics = None
         if self.toxics_matching:
             toxics = self._toxics_for(number, request, text)
-        if behavior is server.dummy and toxics is None:
-            exchange = self.plain
+        if toxics is None and (behavior is server.dummy or name == 'dummy'):
+            exchange = self.plain       # (the mix's dummy is another one)
         else:
             exchange = Exchange(self, number, name, behavior, toxics)
             if not behavior.passive:
                 server.decide(self, number, behavior, request,
                               matched=_matched_text(behavior, text))
         self.exchange = exchange
-        self.behaviors_met[name] += 1
+        met = self.behaviors_met
+        met[name] = met.get(name, 0) + 1
         if server.statsd.enabled:
             server.statsd.incr('behavior.' + name)
         return exchange
@@ -3085,7 +3088,8 @@ class Connection(object):
         keeps nothing: no hook of a passive behavior runs)."""
         name, behavior = single
         self.exchanges += count
-        self.behaviors_met[name] += count
+        met = self.behaviors_met
+        met[name] = met.get(name, 0) + count
         server = self.server
         if server.statsd.enabled:
             for _ in range(count):
@@ -3284,7 +3288,8 @@ class Connection(object):
                 to_backend = side is client
                 if to_backend and flags & _POLLRDHUP:
                     self.client_ended = _only_end_of_stream(side)
-                if not self._step(protocol, side, side.peer, to_backend):
+                if not _guarded(self, self._step, protocol, side,
+                                side.peer, to_backend):
                     return
 
     def _step(self, protocol, source, dest, to_backend):
@@ -3293,40 +3298,36 @@ class Connection(object):
         duplex = self.duplex
         duplex.source = duplex.granted = source
         try:
-            return _guarded(self, self._dispatch, protocol, source, dest,
-                            to_backend)
+            toxics = self.server.toxics
+            if toxics.generation != self._toxics_seen:
+                self.refresh_toxics(toxics)     # from this chunk on
+            if protocol.frames:
+                # it starts an exchange per request, and runs them itself
+                return protocol._handle(source, dest, to_backend)
+            if not to_backend:
+                exchange = self.exchange    # an answer: the current exchange's
+            elif self.client_ended:
+                # nothing left but the end of the client's stream: no new
+                # exchange, and only the stream behaviors of the current one
+                return self.exchange.run(protocol, source, dest, to_backend,
+                                         hooks=False)
+            else:
+                exchange = self.start_exchange()
+            if exchange is self.plain and self._plain_tcp and \
+                    self.toxic_plan is None:
+                # the fast path: plain tcp under dummy, straight through
+                data = source.recv(protocol._bufsize)
+                if not data:
+                    return protocol._end_of_stream(source, dest)
+                dest.sendall(data)
+                if to_backend:
+                    self.bytes_up += len(data)
+                else:
+                    self.bytes_down += len(data)
+                return True
+            return exchange.run(protocol, source, dest, to_backend)
         finally:
             duplex.source = duplex.granted = None
-
-    def _dispatch(self, protocol, source, dest, to_backend):
-        toxics = self.server.toxics
-        if toxics.generation != self._toxics_seen:
-            self.refresh_toxics(toxics)     # from this chunk on
-        if protocol.frames:
-            # it starts an exchange per request, and runs them itself
-            return protocol._handle(source, dest, to_backend)
-        if not to_backend:
-            exchange = self.exchange    # an answer: the current exchange's
-        elif self.client_ended:
-            # nothing left but the end of the client's stream: no new
-            # exchange, and only the stream behaviors of the current one
-            return self.exchange.run(protocol, source, dest, to_backend,
-                                     hooks=False)
-        else:
-            exchange = self.start_exchange()
-        if exchange is self.plain and self._plain_tcp and \
-                self.toxic_plan is None:
-            # the fast path: plain tcp under dummy, straight through
-            data = source.recv(protocol._bufsize)
-            if not data:
-                return protocol._end_of_stream(source, dest)
-            dest.sendall(data)
-            if to_backend:
-                self.bytes_up += len(data)
-            else:
-                self.bytes_down += len(data)
-            return True
-        return exchange.run(protocol, source, dest, to_backend)
 
     def abort(self):
         """End the connection now, from another thread: its thread sees
@@ -3492,8 +3493,9 @@ class Picker(object):
         self.connection = connection
         self.server = connection.server
         self._sticky = None             # (mix generation, (name, behavior))
-        self._used = collections.Counter()  # behavior -> times it applied
-        self._matched = collections.Counter()   # behavior -> its requests
+        # made at first use (most connections never need them):
+        self._used = None       # {behavior: times it applied}
+        self._matched = None    # {behavior: requests its match took}
 
     def pick(self, number, text=None):
         """``(name, behavior)`` for exchange *number*, whose request the
@@ -3549,17 +3551,22 @@ class Picker(object):
         if behavior.match is not None:
             if not behavior.match(text):
                 return False
-            self._matched[behavior] += 1
-            number = self._matched[behavior]
+            if self._matched is None:
+                self._matched = {}
+            number = self._matched[behavior] = \
+                self._matched.get(behavior, 0) + 1
         if number <= get('after', 0) or number % get('every', 1):
             return False
         if not self.serves_client(behavior):
             return False
         limit = get('times', 0)
         if limit:
-            if self._used[behavior] >= limit:
+            if self._used is None:
+                self._used = {}
+            used = self._used.get(behavior, 0)
+            if used >= limit:
                 return False
-            self._used[behavior] += 1
+            self._used[behavior] = used + 1
         return True
 
     def serves_client(self, behavior):
@@ -3755,7 +3762,10 @@ class Side(object):
             except OSError:
                 pass
         if how != socket.SHUT_RD:
-            self.put(_now(), self.end_mark())
+            if self.queue or self.lost:
+                self.put(_now(), self.end_mark())
+            else:
+                self.duplex.pass_end(self, self.end_mark())   # (nothing waits)
 
     def recv(self, size, flags=0):
         """The socket's recv, where a reset reads as the end of the stream
@@ -4017,6 +4027,10 @@ class Duplex(object):
     def due(self):
         """When the next piece is due, or a close, or a stuck backend is
         given up; None when nothing is waiting for a time."""
+        client, backend = self.client, self.backend
+        if not (client.queue or backend.queue or client.ended or
+                client.lost or self._closing is not None):
+            return None         # (the usual case, told at once)
         times = [when for when in (self.client.due(), self.backend.due())
                  if when is not None]
         if self._closing is not None:
