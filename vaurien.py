@@ -1362,14 +1362,22 @@ _OTHER_HOOKS = ('on_open', 'activate', 'deactivate')
 
 def _plan(parts):
     """Which of *parts* act each way: ``{to_backend: (socket hook parts,
-    stream hook parts)}``, in order; what an Exchange runs."""
+    stream hook parts)}``, in order; what an Exchange runs.  Also
+    ``{(to_backend, hook): hook methods}``: each socket hook's methods,
+    without the parts that leave it as Dummy's (it does nothing)."""
     plan = {}
     for to_backend in (True, False):
-        plan[to_backend] = (
-            tuple(part for part in parts if part.hooks and
-                  part.acts(to_backend) and (to_backend or part.answers)),
-            tuple(part for part in parts if part.streams and
-                  part.acts(to_backend)))
+        hooked = tuple(part for part in parts if part.hooks and
+                       part.acts(to_backend) and
+                       (to_backend or part.answers))
+        plan[to_backend] = (hooked, tuple(
+            part for part in parts if part.streams and part.acts(to_backend)))
+        for hook in _HOOKS:
+            methods = [getattr(part, hook) for part in hooked]
+            plan[to_backend, hook] = tuple(
+                method for method in methods
+                if getattr(method, '__func__', None) is not getattr(Dummy,
+                                                                    hook))
     return plan
 
 
@@ -1437,14 +1445,19 @@ class Delay(Dummy):
     def hooks_act_on_answers(self):
         return False
 
+    def ready(self):
+        super(Delay, self).ready()
+        # read once: the hooks run on every exchange
+        self._before, self._sleep = self.option('before'), self.option('sleep')
+
     def on_before_handle(self, protocol, source, dest, to_backend):
-        if to_backend and self.option('before'):
-            _sleep(self.option('sleep'))
+        if to_backend and self._before:
+            _sleep(self._sleep)
         return True
 
     def on_after_handle(self, protocol, source, dest, to_backend):
-        if to_backend and not self.option('before'):
-            _sleep(self.option('sleep'))
+        if to_backend and not self._before:
+            _sleep(self._sleep)
         return True
 
 
@@ -3468,15 +3481,19 @@ class Exchange(object):
                           to_backend) is not False
 
     def _each(self, hook, protocol, source, dest, to_backend):
-        parts = self.parts(to_backend)[0]
-        if not parts:
+        methods = self.plan[to_backend, hook]
+        toxics = self.toxics
+        if toxics is None:
+            toxics = self.connection.toxic_plan
+        if toxics is not None:
+            methods = methods + toxics[to_backend, hook]
+        if not methods:
             return True
         conn = self.connection
         current, conn.exchange = conn.exchange, self
         try:
-            for part in parts:
-                verdict = getattr(part, hook)(protocol, source, dest,
-                                              to_backend)
+            for method in methods:
+                verdict = method(protocol, source, dest, to_backend)
                 if verdict is False or verdict is HANDLED:
                     return verdict
             return True
