@@ -1517,8 +1517,12 @@ class Error(_Counted):
                     "empty picks the protocol's usual one", str, ''),
     }
 
+    def ready(self):
+        super(Error, self).ready()
+        self._warmup = self.option('warmup')    # read once: every exchange
+
     def _erring(self, protocol):
-        return self._next_count(protocol) >= self.option('warmup')
+        return self._next_count(protocol) >= self._warmup
 
     def hooks_act_on_answers(self):
         return self.option('inject')

@@ -139,6 +139,21 @@ class StreamParser(object):
     def feed_eof(self):
         self.eof = True
 
+    def start(self):
+        """Run the generator to its first instruction before any byte
+        comes: a first RUN then takes the first read on the fast lane."""
+        if self._instr is None and not self.finished:
+            self._step()
+
+    def between_messages(self):
+        """Whether the stream is at a message boundary with nothing left
+        to frame: the generator waits at a RUN instruction (it yields those
+        between messages only) and every byte fed has been passed on."""
+        instr = self._instr
+        return (instr is not None and instr[0] is RUN and not self._resume
+                and not self.events and not self.held and
+                self.pos >= len(self.buf))
+
     def run_now(self):
         """The fast lane of the fast lane: when the generator waits at a
         RUN instruction and nothing else is pending, carry it out; returns
@@ -556,6 +571,8 @@ class FramedProtocol(BaseProtocol):
         self.client, self.backend = client, backend
         self._req = StreamParser(self.parse_requests())
         self._resp = StreamParser(self.parse_responses())
+        self._req.start()
+        self._resp.start()
 
     def _handle(self, source, dest, to_backend):
         if self.passthrough:
@@ -651,6 +668,10 @@ class FramedProtocol(BaseProtocol):
                 self._queue_run(to_backend, run)
                 self._flush()
                 return True
+        elif parser.between_messages() and not (self._up or self._down):
+            # the end of the stream between two messages: nothing to
+            # frame, no hook to run (as when its parser goes to the end)
+            return self._end_of_stream(source, self._dest(to_backend))
         else:
             parser.feed_eof()
         if not pump():
