@@ -1164,7 +1164,9 @@ class BaseProtocol(_Configurable):
             dest.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        return self.connection.stop_reading(source)
+        duplex = self.connection.duplex
+        duplex.stop_reading(source.side)
+        return duplex.busy()
 
     def _error_answer(self, behavior):
         """What the ``error`` behavior answers, in this protocol's words.
@@ -2132,7 +2134,7 @@ class Toxics(object):
     """The toxics of one proxy, in Toxiproxy's order: those of the upstream
     stream first, then the downstream ones, each in the order added.  A
     change bumps ``generation``: an open connection sees it at its next
-    chunk (see Connection.refresh_toxics), without waiting for it."""
+    chunk (see ToxicDraws), without waiting for it."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -3015,6 +3017,15 @@ class _Turn(object):
             API_FIRST.leave()
 
 
+def _seeded(seed, *key):
+    """A random generator for what *key* names: seeded from ``--seed`` and
+    *key* (a run can be replayed), or from the system when *seed* is
+    None."""
+    if seed is None:
+        return random.Random()
+    return random.Random(':'.join(str(part) for part in (seed,) + key))
+
+
 class Connection(object):
     """One client, its backend connection, and the loop between them: the
     life of the connection, from the backend's connect to the close."""
@@ -3040,13 +3051,8 @@ class Connection(object):
         # a dummy exchange keeps nothing: one serves them all
         self.plain = self.exchange = Exchange(self, 0, 'dummy', server.dummy)
         self.picker = Picker(self)
-        #: ``{to_backend: (hooks, streams)}`` of the proxy's toxics acting
-        #: on this connection; None: none does
-        self.toxic_plan = None
-        #: the toxics in toxic_plan, when one has a match (None: none has)
-        self.toxics_matching = None
-        self._toxics_seen = 0           # the toxics' generation last seen
-        self._draws = {}                # toxic -> (its version, it acts)
+        self.toxic_plan = self.toxics_matching = None   # see ToxicDraws
+        self.toxic_draws = ToxicDraws(self)
         self.protocol = None
         self._plain_tcp = False
         self._rng = None
@@ -3060,41 +3066,24 @@ class Connection(object):
         """This connection's random generator: seeded from ``--seed`` and
         the connection's number, so a run can be replayed."""
         if self._rng is None:
-            seed = self.server.seed
-            if seed is None:
-                self._rng = random.Random()
-            else:
-                self._rng = random.Random('%s:%d' % (seed, self.id))
+            self._rng = _seeded(self.server.seed, self.id)
         return self._rng
 
     # exchanges, and what behaviors keep per connection
 
     def start_exchange(self, request=None, text=None):
-        """Draw the behavior for a new exchange and make it current: the
-        one place where exchanges are counted and decisions made.
-        *request* says what the client asked, in a few words (a framed
-        protocol knows: ``GET /users``, ``SET``), for the decision log;
-        *text* describes it whole, for the option ``match`` (see
-        RequestMatch)."""
+        """Start a new exchange (its behavior drawn and decided by the
+        Picker) and make it current: the one place where exchanges are
+        counted.  *request* says what the client asked, in a few words (a
+        framed protocol knows: ``GET /users``, ``SET``), for the decision
+        log; *text* describes it whole, for the option ``match``."""
         self.exchanges += 1
-        number = self.exchanges
-        server = self.server
-        name, behavior = self.picker.pick(number, text)
-        toxics = None
-        if self.toxics_matching:
-            toxics = self._toxics_for(number, request, text)
-        if toxics is None and (behavior is server.dummy or name == 'dummy'):
-            exchange = self.plain       # (the mix's dummy is another one)
-        else:
-            exchange = Exchange(self, number, name, behavior, toxics)
-            if not behavior.passive:
-                server.decide(self, number, behavior, request,
-                              matched=_matched_text(behavior, text))
+        name, exchange = self.picker.exchange(self.exchanges, request, text)
         self.exchange = exchange
         met = self.behaviors_met
         met[name] = met.get(name, 0) + 1
-        if server.statsd.enabled:
-            server.statsd.incr('behavior.' + name)
+        if self.server.statsd.enabled:
+            self.server.statsd.incr('behavior.' + name)
         return exchange
 
     def pass_exchanges(self, count, single):
@@ -3127,67 +3116,6 @@ class Connection(object):
             state = self._states[behavior] = behavior.new_state()
             return state
 
-    def refresh_toxics(self, toxics):
-        """Which of the proxy's *toxics* act on this connection, each way:
-        each drawn once per connection (its toxicity), when the link starts
-        or the toxic appears, and again only when that toxic is updated."""
-        self._toxics_seen = toxics.generation
-        draws, self._draws = self._draws, {}
-        chosen = []
-        for toxic in toxics.listed():
-            known = draws.get(toxic)
-            if known is not None and known[0] == toxic.version:
-                acts = known[1]
-            else:
-                acts = self._draw(toxic)
-            self._draws[toxic] = (toxic.version, acts)
-            if acts and not toxic.behavior.passive:
-                chosen.append(toxic)
-        self.toxics_matching = None
-        if not chosen:
-            self.toxic_plan = None
-            return
-        self.toxic_plan = _plan([toxic.behavior for toxic in chosen])
-        if any(toxic.behavior.match is not None for toxic in chosen):
-            self.toxics_matching = chosen
-
-    def _toxics_for(self, number, request, text):
-        # the toxics that act on exchange *number*, whose request is
-        # *text*, when some have a match (None: all of toxic_plan); a
-        # toxic's match is decided on each request it takes
-        chosen = self.toxics_matching
-        acting = []
-        for toxic in chosen:
-            match = toxic.behavior.match
-            if match is None:
-                acting.append(toxic.behavior)
-            elif match(text):
-                acting.append(toxic.behavior)
-                self.server.decide(self, number, toxic.behavior, request,
-                                   toxic=toxic, matched=text[:200])
-        if len(acting) == len(chosen):
-            return None
-        return _plan(acting)
-
-    def _draw(self, toxic):
-        toxicity = toxic.toxicity
-        if toxicity >= 1:
-            acts = True
-        elif toxicity <= 0:
-            acts = False
-        else:
-            seed = self.server.seed
-            rng = self.rng if seed is None else random.Random(
-                '%s:%d:%s:%s:%d' % (seed, self.id, toxic.name,
-                                    toxic.stream.lower(), toxic.version))
-            acts = rng.random() < toxicity
-        if acts and not toxic.behavior.passive and \
-                toxic.behavior.match is None:
-            # (a toxic with a match is decided on each request it takes)
-            self.server.decide(self, self.exchanges, toxic.behavior,
-                               toxic=toxic)
-        return acts
-
     def flow(self, behavior, to_backend):
         """*behavior*'s Flow for one direction of this connection."""
         key = (id(behavior), to_backend)
@@ -3195,17 +3123,6 @@ class Connection(object):
         if flow is None or flow.behavior is not behavior:
             flow = self._flows[key] = Flow(self, to_backend, behavior)
         return flow
-
-    def wait_readable(self, side, timeout=None):
-        """Wait until *side* has data or its end, at most *timeout* seconds
-        (None: no limit), sending what waits either way; True if it has."""
-        return self.duplex.wait_readable(side.side, timeout)
-
-    def stop_reading(self, sock):
-        """Stop reading *sock* (a Side); False when nothing is left to
-        read, nor to send."""
-        self.duplex.stop_reading(sock.side)
-        return self.duplex.busy()
 
     # the life of the connection
 
@@ -3218,9 +3135,7 @@ class Connection(object):
     def run(self):
         server = self.server
         if server.mix.openers:
-            for behavior in self.picker.openers():
-                server.decide(self, 0, behavior)
-                behavior.on_open(self)
+            self.picker.open()
         if self.backend_address is None:
             logger.warning('connection %s: the upstream %r is no HOST:PORT: '
                            'closing the client', self.describe(),
@@ -3237,13 +3152,8 @@ class Connection(object):
             return
         self.backend = self.duplex.attach(backend)
         if server.mix.per_connection:
-            # a behavior drawn for the whole connection also covers what
-            # the backend says before the client's first request
-            name, behavior = self.picker.draw(server.mix)
-            if not behavior.passive and behavior.scope == 'connection':
-                self.exchange = Exchange(self, 0, name, behavior)
-                server.decide(self, 0, behavior)
-        self.refresh_toxics(server.toxics)      # the links start
+            self.exchange = self.picker.first_exchange()
+        self.toxic_draws.refresh(server.toxics)     # the links start
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
         self._plain_tcp = type(protocol)._handle is TCP._handle
@@ -3316,8 +3226,8 @@ class Connection(object):
         duplex.source = duplex.granted = source
         try:
             toxics = self.server.toxics
-            if toxics.generation != self._toxics_seen:
-                self.refresh_toxics(toxics)     # from this chunk on
+            if toxics.generation != self.toxic_draws.seen:
+                self.toxic_draws.refresh(toxics)    # from this chunk on
             if protocol.frames:
                 # it starts an exchange per request, and runs them itself
                 return protocol._handle(source, dest, to_backend)
@@ -3429,7 +3339,7 @@ class Exchange(object):
     def parts(self, to_backend):
         """``(socket hook behaviors, stream behaviors)`` acting on data
         going this way: the exchange's own, then the proxy's toxics that
-        act on this connection (see Connection.refresh_toxics)."""
+        act on this connection (see ToxicDraws)."""
         own = self.plan[to_backend]
         toxics = self.toxics
         if toxics is None:
@@ -3518,16 +3428,43 @@ class Picker(object):
         self._used = None       # {behavior: times it applied}
         self._matched = None    # {behavior: requests its match took}
 
-    def pick(self, number, text=None):
-        """``(name, behavior)`` for exchange *number*, whose request the
-        protocol describes as *text* (see RequestMatch)."""
-        mix = self.server.mix
-        if mix.single is not None:
-            return mix.single
-        name, behavior = self.draw(mix)
+    def exchange(self, number, request=None, text=None):
+        """``(name, Exchange)`` for exchange *number*, whose request the
+        protocol describes in a few words as *request* and whole as *text*
+        (see RequestMatch): its behavior drawn and gated, its toxics (a
+        toxic's match decided on *text*), the decision logged."""
+        conn, server = self.connection, self.server
+        mix = server.mix
+        name, behavior = mix.single or self.draw(mix)
         if behavior.gated:
             name, behavior = self._gate(name, behavior, number, text)
-        return name, behavior
+        toxics = None
+        if conn.toxics_matching:
+            toxics = conn.toxic_draws.for_exchange(number, request, text)
+        if toxics is None and (behavior is server.dummy or name == 'dummy'):
+            return name, conn.plain     # (the mix's dummy is another one)
+        if not behavior.passive:
+            server.decide(conn, number, behavior, request,
+                          matched=_matched_text(behavior, text))
+        return name, Exchange(conn, number, name, behavior, toxics)
+
+    def open(self):
+        """Run the ``on_open`` of the behaviors drawn to act before the
+        backend connection is made."""
+        for behavior in self.openers():
+            self.server.decide(self.connection, 0, behavior)
+            behavior.on_open(self.connection)
+
+    def first_exchange(self):
+        """The exchange before the client's first request (what the
+        backend says first): one of a behavior drawn for the whole
+        connection, else the plain one."""
+        conn = self.connection
+        name, behavior = self.draw(self.server.mix)
+        if behavior.passive or behavior.scope != 'connection':
+            return conn.plain
+        self.server.decide(conn, 0, behavior)
+        return Exchange(conn, 0, name, behavior)
 
     def draw(self, mix):
         if not mix.per_connection:
@@ -3607,6 +3544,83 @@ class Picker(object):
                     yield part
 
 
+class ToxicDraws(object):
+    """Which of the proxy's toxics act on one connection: each drawn once
+    per connection (its toxicity), and again only when it is updated.  It
+    keeps two attributes of the connection up to date: ``toxic_plan``,
+    the ``{to_backend: (hooks, streams)}`` of the toxics acting on it
+    (None: none does), and ``toxics_matching``, those toxics when one has
+    a match (None: none has)."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.seen = 0               # the toxics' generation last seen
+        self._draws = {}            # toxic -> (its version, it acts)
+
+    def refresh(self, toxics):
+        """Draw what is new in *toxics*: when the link starts, when a
+        toxic appears or is updated."""
+        conn = self.connection
+        self.seen = toxics.generation
+        draws, self._draws = self._draws, {}
+        chosen = []
+        for toxic in toxics.listed():
+            known = draws.get(toxic)
+            if known is not None and known[0] == toxic.version:
+                acts = known[1]
+            else:
+                acts = self._draw(toxic)
+            self._draws[toxic] = (toxic.version, acts)
+            if acts and not toxic.behavior.passive:
+                chosen.append(toxic)
+        conn.toxics_matching = None
+        if not chosen:
+            conn.toxic_plan = None
+            return
+        conn.toxic_plan = _plan([toxic.behavior for toxic in chosen])
+        if any(toxic.behavior.match is not None for toxic in chosen):
+            conn.toxics_matching = chosen
+
+    def for_exchange(self, number, request, text):
+        # the toxics that act on exchange *number*, whose request is
+        # *text*, when some have a match (None: all of toxic_plan); a
+        # toxic's match is decided on each request it takes
+        conn = self.connection
+        chosen = conn.toxics_matching
+        acting = []
+        for toxic in chosen:
+            match = toxic.behavior.match
+            if match is None:
+                acting.append(toxic.behavior)
+            elif match(text):
+                acting.append(toxic.behavior)
+                conn.server.decide(conn, number, toxic.behavior, request,
+                                   toxic=toxic, matched=text[:200])
+        if len(acting) == len(chosen):
+            return None
+        return _plan(acting)
+
+    def _draw(self, toxic):
+        conn = self.connection
+        toxicity = toxic.toxicity
+        if toxicity >= 1:
+            acts = True
+        elif toxicity <= 0:
+            acts = False
+        else:
+            seed = conn.server.seed
+            rng = conn.rng if seed is None else _seeded(
+                seed, conn.id, toxic.name, toxic.stream.lower(),
+                toxic.version)
+            acts = rng.random() < toxicity
+        if acts and not toxic.behavior.passive and \
+                toxic.behavior.match is None:
+            # (a toxic with a match is decided on each request it takes)
+            conn.server.decide(conn, conn.exchanges, toxic.behavior,
+                               toxic=toxic)
+        return acts
+
+
 # The engine: streams and their sides #####################################
 
 def _now():
@@ -3639,9 +3653,9 @@ class Flow(object):
             if seed is None:
                 self._rng = self.connection.rng
             else:
-                self._rng = random.Random('%s:%d:%s:%s' % (
-                    seed, self.connection.id,
-                    'up' if self.to_backend else 'down', self.behavior.name))
+                self._rng = _seeded(seed, self.connection.id, 'up' if
+                                    self.to_backend else 'down',
+                                    self.behavior.name)
         return self._rng
 
     @staticmethod

@@ -796,7 +796,8 @@ class FramedProtocol(BaseProtocol):
         the order)."""
         conn = self.connection
         while self.expected and not self.passthrough:
-            if not conn.wait_readable(self.backend, conn.server.idle_timeout):
+            if not conn.duplex.wait_readable(self.backend,
+                                             conn.server.idle_timeout):
                 return False
             data = BaseProtocol._get_data(self, self.backend)
             if not self._from(False, data):
