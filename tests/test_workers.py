@@ -311,6 +311,11 @@ class WorkersTest(unittest.TestCase):
             pids = sorted(set(workers.values()))
             self.assertEqual(len(pids), 2)
             victim = pids[0]
+            # a change made before: the new worker starts with it
+            other = support.EchoServer().start()
+            self.addCleanup(other.stop)
+            self.assertEqual(run.call('PUT', '/backend', {
+                'backend': '127.0.0.1:%d' % other.port})[0], 200)
             os.kill(victim, signal.SIGKILL)
             by_id = sorted(workers)
             for conn_id, sock in zip(by_id, socks):
@@ -328,17 +333,15 @@ class WorkersTest(unittest.TestCase):
             _close(socks)
         self.assertIn('(pid %d) was killed by SIGKILL: starting it again'
                       % victim, run.log())
-        # the new worker has the model of now, and serves too
+        # the new worker has the model of its start, and serves too
+        socks, _ = self.held(run, 20)
+        self.assertEqual(_echoed(socks), [True] * 20)
+        self.assertEqual(other.accepted, 20)
+        # and it takes the changes made since
         run.call('PUT', '/behavior', {'name': 'error'})
-        socks = [support.connect(run.address) for _ in range(20)]
-        try:
-            for sock in socks:
-                sock.sendall(b'ping')
-                self.assertEqual(len(support.recv_exactly(sock, 1000)), 1000)
-            workers = self.workers_of(run, socks)
-            self.assertEqual(set(workers.values()), set(stats['workers']))
-        finally:
-            _close(socks)
+        socks, workers = self.held(run, 20)
+        self.assertEqual(set(workers.values()), set(stats['workers']))
+        self.assertEqual(_echoed(socks), [False] * 20)
 
     def test_sigterm_stops_every_process(self):
         run = self.start()
@@ -352,13 +355,17 @@ class WorkersTest(unittest.TestCase):
             self.assertEqual(run.proc.wait(support.TIMEOUT), 0)
             took = time.monotonic() - started
             self.assertEqual([pid for pid in pids if _alive(pid)], [])
+            log = run.log()
+            for pid in pids:
+                # stopped by the supervisor, not left to find it gone
+                self.assertIn('[%d] [INFO] SIGTERM: stopping' % pid, log)
             for sock in socks:
                 self.assertTrue(support.closed_by_peer(sock))
         finally:
             _close(socks)
         # the issue's bound (a second), loosely: a busy CI machine
         self.assertLess(took, 3)
-        self.assertNotIn('Traceback', run.log())
+        self.assertNotIn('Traceback', log)
 
     def test_supervisor_killed_workers_stop(self):
         run = self.start()
