@@ -7137,6 +7137,10 @@ class _Supervisor(object):
             theirs.close()
             worker = _WorkerProcess(number, pid, ours)
             self.workers[number] = worker
+            if self.stopping:       # stop() came meanwhile
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+                return None
             ready = worker.reply(None, time.monotonic() + self.answer_timeout)
             if ready is None:
                 raise VaurienError('worker %d (pid %d) did not start: its log '
@@ -7252,10 +7256,11 @@ class _Supervisor(object):
     def stop(self):
         """Stop every worker: SIGTERM, then SIGKILL after ``stop_wait``
         seconds."""
-        with self.lock:
-            self.stopping = True
-            workers = [worker for worker in self.workers
-                       if worker is not None and worker.alive]
+        # not under the lock: an API call may be waiting for a worker that
+        # does not answer (a fork under way kills its own if need be)
+        self.stopping = True
+        workers = [worker for worker in list(self.workers)
+                   if worker is not None and worker.alive]
         for signum, wait in ((signal.SIGTERM, self.stop_wait),
                              (signal.SIGKILL, 0.2)):
             for worker in workers:

@@ -367,6 +367,37 @@ class WorkersTest(unittest.TestCase):
         self.assertLess(took, 3)
         self.assertNotIn('Traceback', log)
 
+    @unittest.skipUnless(hasattr(os, 'sched_getaffinity') and
+                         len(os.sched_getaffinity(0)) >= 2, 'needs 2 CPUs')
+    def test_each_worker_on_its_own_cpu(self):
+        allowed = os.sched_getaffinity(0)
+        run = self.start()
+        pids = run.get('/stats')['workers']
+        cpus = [os.sched_getaffinity(pid) for pid in pids]
+        self.assertEqual([len(found) for found in cpus], [1, 1])
+        self.assertEqual(len(cpus[0] | cpus[1]), 2)
+        self.assertLessEqual(cpus[0] | cpus[1], allowed)
+        self.assertIn('2 workers, pids %d, %d, on CPUs' % tuple(pids),
+                      run.log())
+        run.stop()
+        first = min(allowed)
+        run = self.start('--cpu', str(first))
+        pids = run.get('/stats')['workers']
+        self.assertEqual(os.sched_getaffinity(pids[0]), {first})
+        self.assertNotEqual(os.sched_getaffinity(pids[1]), {first})
+        run.stop()
+        run = self.start('--cpu', 'all')
+        for pid in run.get('/stats')['workers']:
+            self.assertEqual(os.sched_getaffinity(pid), allowed)
+
+    def test_ini_key(self):
+        with support.temp_dir() as folder:
+            path = support.write(os.path.join(folder, 'vaurien.ini'),
+                                 '[vaurien]\nworkers = 2\n')
+            run = Run(self, ['--backend', '127.0.0.1:%d' % self.echo.port,
+                             '--config', path])
+            self.assertEqual(len(run.get('/stats')['workers']), 2)
+
     def test_supervisor_killed_workers_stop(self):
         run = self.start()
         pids = run.get('/stats')['workers']
