@@ -987,9 +987,13 @@ def build_variants(args, notes):
     variants.append(Variant("vaurien-w2", make(["--workers", "2"])))
     variants.append(Variant("vaurien-wauto", make(["--workers", "auto"])))
     if template is None:
-        variants.append(Variant("vaurien-server", lambda api, b: prefix + [
-            "server", "-host", HOST, "-port", str(api),
-            "--log-level", "warning"], api=True))
+        def server(extra):
+            return lambda api, b: prefix + [
+                "server", "-host", HOST, "-port", str(api),
+                "--log-level", "warning"] + extra
+        variants.append(Variant("vaurien-server", server([]), api=True))
+        variants.append(Variant("vaurien-server-w2",
+                                server(["--workers", "2"]), api=True))
     toxiproxy = toxiproxy_bin(args.toxiproxy)
     if toxiproxy:
         variants.append(Variant("toxiproxy", lambda api, b: [
