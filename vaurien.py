@@ -7507,10 +7507,15 @@ def serve(proxies, control=None, spare_cpus=()):
             if spare_cpus:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, spare_cpus)
-            logger.info('%s: stopping (%d connections open)',
-                        signal.Signals(signum).name, sum(
-                            len(server.connections)
-                            for server in proxies.servers()))
+            if _ROLE is not None and _ROLE.supervising:
+                # the connections are the workers': each says how many
+                logger.info('%s: stopping %d workers',
+                            signal.Signals(signum).name, _ROLE.count)
+            else:
+                logger.info('%s: stopping (%d connections open)',
+                            signal.Signals(signum).name, sum(
+                                len(server.connections)
+                                for server in proxies.servers()))
         if _ROLE is not None and _ROLE.supervising:
             _ROLE.stop()
         # what close_all() does, but for the connections (see above):

@@ -356,6 +356,8 @@ class WorkersTest(unittest.TestCase):
             took = time.monotonic() - started
             self.assertEqual([pid for pid in pids if _alive(pid)], [])
             log = run.log()
+            self.assertIn('[%d] [INFO] SIGTERM: stopping 2 workers'
+                          % run.proc.pid, log)
             for pid in pids:
                 # stopped by the supervisor, not left to find it gone
                 self.assertIn('[%d] [INFO] SIGTERM: stopping' % pid, log)
@@ -411,6 +413,15 @@ class WorkersTest(unittest.TestCase):
 class ToxiproxyWorkersTest(unittest.TestCase):
     """``vaurien.py server --workers 2``: Toxiproxy's API."""
 
+    def assertSpread(self, run, address):
+        """Connections to *address* land on both workers."""
+        socks = _open(address, 20)
+        try:
+            conns = run.get('/connections?proxy=echo')['connections']
+            self.assertEqual(len(set(conn['worker'] for conn in conns)), 2)
+        finally:
+            _close(socks)
+
     def test_toxic_and_disable_reach_every_worker(self):
         with support.EchoServer() as echo:
             run = Run(self, ['--workers', '2'], server=True)
@@ -420,13 +431,7 @@ class ToxiproxyWorkersTest(unittest.TestCase):
             self.assertEqual(status, 201, proxy)
             host, _, port = proxy['listen'].rpartition(':')
             address = (host, int(port))
-            socks = _open(address, 20)
-            try:
-                conns = run.get('/connections?proxy=echo')['connections']
-                self.assertEqual(len(set(conn['worker'] for conn in conns)),
-                                 2)
-            finally:
-                _close(socks)
+            self.assertSpread(run, address)
             status, _ = run.call('POST', '/proxies/echo/toxics', {
                 'type': 'limit_data', 'attributes': {'bytes': 3}})
             self.assertEqual(status, 200)
@@ -447,10 +452,24 @@ class ToxiproxyWorkersTest(unittest.TestCase):
                 with self.assertRaises(ConnectionRefusedError):
                     support.connect(address).close()
             run.call('POST', '/proxies/echo', {'enabled': True})
-            _close(_open(address, 20))
+            self.assertSpread(run, address)
             status, text = run.call('GET', '/metrics')
             self.assertIn('vaurien_connections_total{proxy="echo"} 60\n',
                           text)
+            # moved to a port the supervisor picks: every worker follows
+            status, moved = run.call('POST', '/proxies/echo',
+                                     {'listen': '127.0.0.1:0'})
+            self.assertEqual(status, 200, moved)
+            host, _, port = moved['listen'].rpartition(':')
+            self.assertNotEqual(int(port), address[1])
+            self.assertSpread(run, (host, int(port)))
+            for _ in range(10):
+                with self.assertRaises(ConnectionRefusedError):
+                    support.connect(address).close()
+            self.assertEqual(run.call('DELETE', '/proxies/echo')[0], 204)
+            for _ in range(10):
+                with self.assertRaises(ConnectionRefusedError):
+                    support.connect((host, int(port))).close()
 
 
 class OneWorkerTest(unittest.TestCase):
