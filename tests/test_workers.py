@@ -2,6 +2,7 @@
 the user (issue 16).  Each test runs the real vaurien.py in a subprocess,
 its log in a file (a pipe left unread would fill up)."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -93,10 +94,9 @@ class Run(object):
         self.http = tuple(found['http'])
         return True
 
-    def call(self, method, path, body=None):
+    def call(self, method, path, body=None, timeout=support.TIMEOUT):
         """``(status, answer)``: JSON decoded, text when it is none."""
-        conn = http.client.HTTPConnection(*self.http,
-                                          timeout=support.TIMEOUT)
+        conn = http.client.HTTPConnection(*self.http, timeout=timeout)
         try:
             data = None if body is None else json.dumps(body)
             conn.request(method, path, data)
@@ -341,6 +341,29 @@ class WorkersTest(unittest.TestCase):
         run.call('PUT', '/behavior', {'name': 'error'})
         socks, workers = self.held(run, 20)
         self.assertEqual(set(workers.values()), set(stats['workers']))
+        self.assertEqual(_echoed(socks), [False] * 20)
+
+    def test_worker_that_misses_a_change_is_replaced(self):
+        run = self.start()
+        pids = run.get('/stats')['workers']
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            # answered once the silent worker is given up on (5 s)
+            status, _ = run.call('PUT', '/behavior', {'name': 'error'},
+                                 timeout=3 * support.TIMEOUT)
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(pids[0], signal.SIGCONT)
+        self.assertEqual(status, 200)
+        stats = _wait_for(lambda: (lambda s: s if len(s['workers']) == 2
+                                   and pids[0] not in s['workers']
+                                   else None)(run.get('/stats')),
+                          'the worker to start again')
+        self.assertIn(pids[1], stats['workers'])
+        self.assertIn('worker 0 (pid %d) did not answer PUT /behavior '
+                      'within 5 seconds: killing it' % pids[0], run.log())
+        # the new one has the change
+        socks, workers = self.held(run, 20)
         self.assertEqual(_echoed(socks), [False] * 20)
 
     def test_sigterm_stops_every_process(self):
