@@ -7321,9 +7321,11 @@ class _Worker(object):
             _ROLE = worker = cls(supervisor, number, channel)
             worker.run(supervisor)
             code = 0
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
-                logger.exception('worker %d failed', number)
+                logger.error('worker %d failed: %s: %s', number,
+                             type(exc).__name__, exc)
+                logger.debug('worker failure', exc_info=True)
         finally:
             os._exit(code)
 
@@ -7344,6 +7346,7 @@ class _Worker(object):
         API_FIRST.__init__()
         _COUNTERS.after_fork()
         self.proxies.stopped = threading.Event()
+        self.proxies.waker = None       # the supervisor's
         self.proxies._lock = threading.RLock()
         cpu = supervisor.cpus[self.number]
         if cpu is not None:
