@@ -6788,7 +6788,9 @@ def _cpu_choice(choice):
     choice = str(choice).strip().lower()
     if choice in ('auto', 'all'):
         return None if choice == 'auto' else choice
-    cpu = int(choice) if choice.isdigit() else -1
+    # ASCII digits only: str.isdigit() takes '²', which int() refuses
+    cpu = int(choice) if choice and not choice.strip('0123456789') and \
+        len(choice) < 6 else -1
     if not 0 <= cpu < 1 << 16:
         raise VaurienError('cpu must be auto, all or a CPU number, not %r'
                            % _clip(choice))
@@ -6883,7 +6885,9 @@ def worker_count(text):
         if hasattr(os, 'sched_getaffinity'):
             return len(os.sched_getaffinity(0)) or 1
         return os.cpu_count() or 1
-    count = int(text) if text.isdigit() and len(text) < 6 else 0
+    # ASCII digits only: str.isdigit() takes '²', which int() refuses
+    digits = text and not text.strip('0123456789') and len(text) < 6
+    count = int(text) if digits else 0
     if not 1 <= count <= 256:
         raise VaurienError('workers must be auto or a whole number from 1 '
                            'to 256, not %r' % _clip(text))

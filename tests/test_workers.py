@@ -508,12 +508,20 @@ class OneWorkerTest(unittest.TestCase):
 
     def test_bad_values_refused(self):
         for value, text in (('0', "'0'"), ('many', "'many'"),
-                            ('257', "'257'")):
+                            ('257', "'257'"), ('\u00b2', "'\u00b2'"),
+                            ('', "''")):
             code, out, err = support.run_vaurien(['--workers', value])
             self.assertEqual(code, 2)
             self.assertEqual(err, "vaurien: error: option --workers: workers "
                              "must be auto or a whole number from 1 to 256, "
                              "not %s\n" % text)
+
+    def test_cpu_of_other_digits_refused(self):
+        # (found beside --workers: a traceback before)
+        code, out, err = support.run_vaurien(['--cpu', '\u00b2'])
+        self.assertEqual((code, err), (2, "vaurien: error: option --cpu: cpu "
+                                       "must be auto, all or a CPU number, "
+                                       "not '\u00b2'\n"))
 
     def test_auto_is_the_cpus_allowed(self):
         allowed = len(os.sched_getaffinity(0)) if hasattr(
