@@ -436,11 +436,12 @@ class WorkersTest(unittest.TestCase):
 class ToxiproxyWorkersTest(unittest.TestCase):
     """``vaurien.py server --workers 2``: Toxiproxy's API."""
 
-    def assertSpread(self, run, address):
-        """Connections to *address* land on both workers."""
+    def assertSpread(self, run, address, name='echo'):
+        """Connections to proxy *name* at *address*, echoed, land on both
+        workers."""
         socks = _open(address, 20)
         try:
-            conns = run.get('/connections?proxy=echo')['connections']
+            conns = run.get('/connections?proxy=%s' % name)['connections']
             self.assertEqual(len(set(conn['worker'] for conn in conns)), 2)
         finally:
             _close(socks)
@@ -452,8 +453,7 @@ class ToxiproxyWorkersTest(unittest.TestCase):
                 'name': 'echo', 'listen': '127.0.0.1:0',
                 'upstream': '127.0.0.1:%d' % echo.port})
             self.assertEqual(status, 201, proxy)
-            host, _, port = proxy['listen'].rpartition(':')
-            address = (host, int(port))
+            address = self.address(proxy)
             self.assertSpread(run, address)
             status, _ = run.call('POST', '/proxies/echo/toxics', {
                 'type': 'limit_data', 'attributes': {'bytes': 3}})
@@ -483,16 +483,48 @@ class ToxiproxyWorkersTest(unittest.TestCase):
             status, moved = run.call('POST', '/proxies/echo',
                                      {'listen': '127.0.0.1:0'})
             self.assertEqual(status, 200, moved)
-            host, _, port = moved['listen'].rpartition(':')
-            self.assertNotEqual(int(port), address[1])
-            self.assertSpread(run, (host, int(port)))
+            new = self.address(moved)
+            self.assertNotEqual(new, address)
+            self.assertSpread(run, new)
             for _ in range(10):
                 with self.assertRaises(ConnectionRefusedError):
                     support.connect(address).close()
             self.assertEqual(run.call('DELETE', '/proxies/echo')[0], 204)
             for _ in range(10):
                 with self.assertRaises(ConnectionRefusedError):
-                    support.connect((host, int(port))).close()
+                    support.connect(new).close()
+
+
+    def test_populate_and_reset_reach_every_worker(self):
+        with support.EchoServer() as echo, support.temp_dir() as folder:
+            # a -config file's proxy, made before the workers start
+            config = support.write(os.path.join(folder, 'config.json'),
+                                   json.dumps([{
+                                       'name': 'first',
+                                       'listen': '127.0.0.1:0',
+                                       'upstream': '127.0.0.1:%d'
+                                                   % echo.port}]))
+            run = Run(self, ['--workers', '2', '-config', config],
+                      server=True)
+            status, made = run.call('POST', '/populate', [
+                {'name': 'second', 'listen': '127.0.0.1:0',
+                 'upstream': '127.0.0.1:%d' % echo.port, 'enabled': False}])
+            self.assertEqual(status, 201, made)
+            listed = run.get('/proxies')
+            first = self.address(listed['first'])
+            self.assertSpread(run, first, 'first')
+            run.call('POST', '/proxies/first/toxics', {
+                'type': 'limit_data', 'attributes': {'bytes': 2}})
+            # /reset: every proxy enabled, every toxic gone, on each worker
+            self.assertEqual(run.call('POST', '/reset')[0], 204)
+            second = self.address(run.get('/proxies')['second'])
+            self.assertSpread(run, second, 'second')
+            self.assertSpread(run, first, 'first')
+
+    @staticmethod
+    def address(proxy):
+        host, _, port = proxy['listen'].rpartition(':')
+        return host, int(port)
 
 
 class OneWorkerTest(unittest.TestCase):
