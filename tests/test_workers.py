@@ -494,7 +494,6 @@ class ToxiproxyWorkersTest(unittest.TestCase):
                 with self.assertRaises(ConnectionRefusedError):
                     support.connect(new).close()
 
-
     def test_populate_and_reset_reach_every_worker(self):
         with support.EchoServer() as echo, support.temp_dir() as folder:
             # a -config file's proxy, made before the workers start
