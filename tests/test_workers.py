@@ -149,14 +149,24 @@ def _close(socks):
         sock.close()
 
 
-def _wait_for(check, what, timeout=support.TIMEOUT):
+def _wait_for(check, what, timeout=support.TIMEOUT, run=None):
+    """check()'s first true answer; *run*'s log in the failure."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = check()
         if found:
             return found
         time.sleep(0.05)
-    raise AssertionError('timed out waiting for %s' % what)
+    raise AssertionError('timed out waiting for %s%s' % (
+        what, ':\n' + run.log() if run is not None else ''))
+
+
+def _restarted(run, gone):
+    """/stats once two workers answer, pid *gone* not among them."""
+    return _wait_for(lambda: (lambda s: s if len(s['workers']) == 2
+                              and gone not in s['workers']
+                              else None)(run.get('/stats')),
+                     'the worker to start again', 2 * support.TIMEOUT, run)
 
 
 def _echoed(socks):
@@ -324,10 +334,7 @@ class WorkersTest(unittest.TestCase):
                 else:
                     self.assertEqual(support.exchange(sock, b'still'),
                                      b'still')
-            stats = _wait_for(lambda: (lambda s: s if len(s['workers']) == 2
-                                       and victim not in s['workers']
-                                       else None)(run.get('/stats')),
-                              'the worker to start again')
+            stats = _restarted(run, victim)
             self.assertEqual(_children(run.proc.pid), set(stats['workers']))
         finally:
             _close(socks)
@@ -355,10 +362,7 @@ class WorkersTest(unittest.TestCase):
             with contextlib.suppress(OSError):
                 os.kill(pids[0], signal.SIGCONT)
         self.assertEqual(status, 200)
-        stats = _wait_for(lambda: (lambda s: s if len(s['workers']) == 2
-                                   and pids[0] not in s['workers']
-                                   else None)(run.get('/stats')),
-                          'the worker to start again')
+        stats = _restarted(run, pids[0])
         self.assertIn(pids[1], stats['workers'])
         self.assertIn('worker 0 (pid %d) did not answer PUT /behavior '
                       'within 5 seconds: killing it' % pids[0], run.log())
