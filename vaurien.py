@@ -75,6 +75,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import pkgutil
 import random
@@ -688,6 +689,11 @@ def _check_cpu(text):
     return text
 
 
+def _check_workers(text):
+    worker_count(text)
+    return text
+
+
 #: Every core setting; build_parser, load_settings and build_server read
 #: this, and nothing else says a default, a type or a help text.
 SETTINGS = [
@@ -713,6 +719,9 @@ SETTINGS = [
             'system spread the threads', 'CPU', check=_check_cpu),
     Setting('seed', None, 'seed for every random choice: the same seed and '
             'traffic make the same choices', 'SEED'),
+    Setting('workers', '1', 'processes that serve the connections, behind '
+            'each listening port; auto: one per CPU vaurien may use',
+            'N', check=_check_workers),
     Setting('plugins', '', 'extra plugin modules to import '
             '(comma-separated)', 'MODULE[,MODULE]'),
     Setting('log_level', 'info', 'debug, info, warning, error or critical',
@@ -1479,6 +1488,12 @@ class _Counted(Dummy):
         super(_Counted, self).__init__()
         self._count = 0
         self._lock = threading.Lock()
+        if _COUNTERS is not None:
+            # with workers, the count across the proxy is in the table
+            # every process shares (see _SharedCounters)
+            self._slot = _COUNTERS.take()
+            if self._slot is not None:
+                self._next_count = self._next_shared_count
 
     def new_state(self):
         return {'count': 0}     # with per_connection
@@ -1495,6 +1510,13 @@ class _Counted(Dummy):
             number = self._count
             self._count += 1
         return number
+
+    def _next_shared_count(self, protocol):
+        """_next_count with workers: the count across the whole proxy is
+        the shared table's."""
+        if self.option('per_connection'):
+            return _Counted._next_count(self, protocol)
+        return _COUNTERS.next(self._slot)
 
 
 class Error(_Counted):
@@ -2457,7 +2479,10 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.connections = {}
         self.closing = False
         self._starved = False   # warned of running out of descriptors
-        self._ids = itertools.count(1)
+        # with workers, connection and decision ids are counted across
+        # them: unique, in the order they came
+        self._ids = itertools.count(1) if _COUNTERS is None else \
+            _COUNTERS.count()
         self._stats_lock = threading.Lock()
         self.started = time.time()
         self._closed_exchanges = collections.Counter()
@@ -2467,7 +2492,8 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self.mix_generation = 0
         self._live = False      # whole-proxy behaviors wait for the socket
         self.decisions = collections.deque(maxlen=self.decision_log_size)
-        self._decision_ids = itertools.count(1)
+        self._decision_ids = itertools.count(1) if _COUNTERS is None \
+            else _COUNTERS.count()
         self.set_mix(behavior)
         if backlog:
             self.request_queue_size = backlog
@@ -2699,6 +2725,9 @@ class ProxyServer(socketserver.ThreadingTCPServer):
         self._stop_request.clear()
         self._stopped.clear()
         try:
+            if _ROLE is not None and _ROLE.supervising:
+                # its workers accept (see _Supervisor)
+                self._stop_request.wait()
             while not self._stop_request.is_set():
                 listener = self.socket
                 if listener is None:
@@ -2731,33 +2760,49 @@ class ProxyServer(socketserver.ThreadingTCPServer):
     def go_up(self):
         """Listen again, on the same address, after ``go_down`` (unless
         the proxy is disabled)."""
+        if self._listen_again():
+            logger.info('up: accepting connections on %s',
+                        format_address(self.address))
+
+    def _listen_again(self):
+        """go_up without a word: True if it listens now."""
         with self._listen_lock:
             if self.socket is not None or self.closing or not self.enabled:
-                return
+                return False
             family = socket.AF_INET6 if ':' in self.server_address[0] \
                 else socket.AF_INET
             listener = socket.socket(family, self.socket_type)
             try:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
                                     1)
+                if _ROLE is not None:
+                    _ROLE.share_port(self, listener)
                 _dual_stack(listener, self.server_address)
                 listener.bind(self.server_address)
-                listener.listen(self.request_queue_size)
+                if _ROLE is None or not _ROLE.supervising:
+                    listener.listen(self.request_queue_size)
             except BaseException:
                 listener.close()
                 raise
             self.server_address = listener.getsockname()
             self._listen_shown = format_address(self.address)
             self.socket = listener
-        logger.info('up: accepting connections on %s',
-                    format_address(self.address))
+        return True
 
     def server_bind(self):
         """Replaces the base method: ``::`` takes IPv4 clients too (as Go
         listens), and the address it got is what Toxiproxy shows."""
         _dual_stack(self.socket, self.server_address)
+        if _ROLE is not None:
+            _ROLE.share_port(self, self.socket)
         socketserver.ThreadingTCPServer.server_bind(self)
         self._listen_shown = format_address(self.address)
+
+    def server_activate(self):
+        """Replaces the base method: the supervisor of workers holds the
+        port, bound but not listening (see _Supervisor)."""
+        if _ROLE is None or not _ROLE.supervising:
+            socketserver.ThreadingTCPServer.server_activate(self)
 
     # a named proxy's life (see Proxies)
 
@@ -4973,7 +5018,7 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
             return refusal
         body = self._read_body()
         method = 'GET' if self.command == 'HEAD' else self.command
-        return server.controller.call(method, self.path, body)
+        return server.answer(False, method, self.path, body)
 
     def _toxiproxy_call(self, api):
         """A request of Toxiproxy's API: refused in its words, or
@@ -4994,7 +5039,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
                 reply = api.error(status,
                                   answer['errors'][0]['description'])
         else:
-            reply = api.call(self.command, self.path, self._read_body())
+            reply = self.server.answer(True, self.command, self.path,
+                                       self._read_body())
         # a matched route's answer carries a request id, refusals too
         reply.headers.append(('X-Toxiproxy-Request-Id', _request_id()))
         return reply.status, reply
@@ -5283,6 +5329,9 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     # would reset the connection, and the client could lose the answer
     linger = 1.0
     handler_class = ControlHandler
+    #: the _Supervisor whose workers each change reaches too (and whose
+    #: reads of live state gather theirs), or None
+    workers = None
 
     def __init__(self, address, proxy=None, token=None, proxies=None,
                  toxiproxy_first=False):
@@ -5318,6 +5367,16 @@ class ControlServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     @property
     def address(self):
         return self.server_address[:2]
+
+    def answer(self, toxiproxy, method, path, body):
+        """A request's answer: Toxiproxy's API's (a _Reply) or Vaurien's
+        (``(status, answer)``); with workers, theirs too (see
+        _Supervisor.answer)."""
+        if self.workers is not None:
+            return self.workers.answer(self, toxiproxy, method, path, body)
+        if toxiproxy:
+            return self.toxiproxy.call(method, path, body)
+        return self.controller.call(method, path, body)
 
     def serves_toxiproxy(self, path):
         """Whether Toxiproxy's API answers *path* (the two families of
@@ -5475,15 +5534,20 @@ class Proxies(object):
             self._proxies[server.name] = server
         if self.default is None and server.name == DEFAULT_PROXY:
             self.default = server.name
+        self.start_accepting(server)
+        if not enabled:
+            server.disable()
+        return server
+
+    @staticmethod
+    def start_accepting(server):
+        """Run *server*'s serve_forever in a thread of its own."""
         thread = threading.Thread(target=server.serve_forever,
                                   kwargs={'poll_interval': 0.2},
                                   name='vaurien %s' % server.name)
         thread.daemon = True
         thread.start()
         server.thread = thread
-        if not enabled:
-            server.disable()
-        return server
 
     def create(self, name, listen, upstream, enabled=True, protocol='tcp',
                protocol_options=None, behavior='dummy',
@@ -6759,7 +6823,9 @@ def _cpu_choice(choice):
     choice = str(choice).strip().lower()
     if choice in ('auto', 'all'):
         return None if choice == 'auto' else choice
-    cpu = int(choice) if choice.isdigit() else -1
+    # ASCII digits only: str.isdigit() takes '²', which int() refuses
+    cpu = int(choice) if choice and not choice.strip('0123456789') and \
+        len(choice) < 6 else -1
     if not 0 <= cpu < 1 << 16:
         raise VaurienError('cpu must be auto, all or a CPU number, not %r'
                            % _clip(choice))
@@ -6810,6 +6876,640 @@ def pin_to_cpu(choice='auto'):
                        cpu, _os_error_text(exc))
         return None
     return cpu
+
+
+# Workers ##################################################################
+#
+# --workers N: N processes, each the proxy of one process (a thread per
+# connection), behind each listening port.  The process the user started,
+# the supervisor, builds everything as with one process and answers the
+# control API, but accepts no connection: each of its proxies' sockets is
+# bound with SO_REUSEPORT and never listens, so that the port (port 0
+# resolved once) stays the proxy's, and every worker binds it too, each
+# with its own listening socket (the kernel spreads the connections).
+#
+#     supervisor: control API, the model (proxies, mixes, toxics)
+#        |  fork (its model at that moment), a private socket pair each
+#        +-- worker 0 (CPU a): listens, accepts, serves its connections
+#        +-- worker 1 (CPU b): ...
+#
+# A change through the API is applied by the supervisor, then sent to
+# every worker over its socket pair and applied there, the same request
+# in the same order, before the call answers.  Reads of live state
+# (/connections, /stats, /decisions, /metrics) gather the workers' and
+# merge them.  A worker that dies is forked again, from the model of that
+# moment.
+
+#: The counters every process shares (a _SharedCounters) while there are
+#: workers; None with one process.
+_COUNTERS = None
+#: This process's part among workers: None with one process, else its
+#: _Supervisor or _Worker.
+_ROLE = None
+#: Vaurien's reads that show live state, gathered from the workers
+_LIVE_READS = ('/connections', '/stats', '/decisions')
+_COUNT = struct.Struct('=Q')
+_LENGTH = struct.Struct('>I')
+
+
+def worker_count(text):
+    """--workers' value as a number: a whole number from 1 to 256, or
+    auto (the CPUs this process may use)."""
+    text = str(text).strip().lower()
+    if text == 'auto':
+        if hasattr(os, 'sched_getaffinity'):
+            return len(os.sched_getaffinity(0)) or 1
+        return os.cpu_count() or 1
+    # ASCII digits only: str.isdigit() takes '²', which int() refuses
+    digits = text and not text.strip('0123456789') and len(text) < 6
+    count = int(text) if digits else 0
+    if not 1 <= count <= 256:
+        raise VaurienError('workers must be auto or a whole number from 1 '
+                           'to 256, not %r' % _clip(text))
+    return count
+
+
+class _SharedCounters(object):
+    """Counters that every process of a proxy with workers shares: the
+    count of the behaviors that count across the whole proxy (``error``'s
+    warmup), connection and decision ids.  8 bytes each, in a shared
+    mapping of an unlinked temporary file made before the first fork.
+
+    Each counter is changed under a lock of the process (its threads) and
+    a lock of the file's byte at the counter's number (fcntl: the
+    processes); the kernel lets go of the latter if its process dies.
+
+    Every process makes its counters in the same order (it applies the
+    same changes in the same order): the n-th counter made takes number n
+    in each, and the supervisor sends its next number with each change."""
+
+    size = 1 << 20
+
+    def __init__(self):
+        import fcntl
+        self._fcntl = fcntl
+        self._file = tempfile.TemporaryFile(prefix='vaurien-counters-')
+        self._file.truncate(self.size * _COUNT.size)
+        self._fd = self._file.fileno()
+        self._map = mmap.mmap(self._fd, self.size * _COUNT.size)
+        self._lock = threading.Lock()
+        #: the number the next counter made takes
+        self.next_slot = 0
+        self._full = False
+
+    def take(self):
+        """A new counter's number (None once the table is full)."""
+        slot = self.next_slot
+        if slot >= self.size:
+            if not self._full:
+                self._full = True
+                logger.warning('%d shared counters made: from now on, new '
+                               'counts are per worker', self.size)
+            return None
+        self.next_slot = slot + 1
+        return slot
+
+    def next(self, slot):
+        """Counter *slot*'s value, which then grows by one."""
+        offset = slot * _COUNT.size
+        lockf = self._fcntl.lockf
+        with self._lock:
+            lockf(self._fd, self._fcntl.LOCK_EX, 1, slot)
+            try:
+                value, = _COUNT.unpack_from(self._map, offset)
+                _COUNT.pack_into(self._map, offset, value + 1)
+            finally:
+                lockf(self._fd, self._fcntl.LOCK_UN, 1, slot)
+        return value
+
+    def count(self, start=1):
+        """Like ``itertools.count(start)``, counted across the processes."""
+        slot = self.take()
+        if slot is None:
+            return itertools.count(start)
+        return _SharedCount(self, slot, start)
+
+    def after_fork(self):
+        # a lock some other thread held at the fork is held for good
+        self._lock = threading.Lock()
+
+
+class _SharedCount(object):
+    """An iterator of numbers from *start*, counted in a _SharedCounters."""
+
+    __slots__ = ('_counters', '_slot', '_start')
+
+    def __init__(self, counters, slot, start):
+        self._counters = counters
+        self._slot = slot
+        self._start = start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._start + self._counters.next(self._slot)
+
+
+def _send_message(sock, value):
+    data = json.dumps(value).encode('utf-8')
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _recv_message(sock):
+    """The next message on a worker's socket pair; None at its end."""
+    head = _recv_exactly(sock, _LENGTH.size)
+    if head is None:
+        return None
+    data = _recv_exactly(sock, _LENGTH.unpack(head)[0])
+    return None if data is None else json.loads(data.decode('utf-8'))
+
+
+def _recv_exactly(sock, size):
+    chunks = []
+    while size:
+        data = sock.recv(min(size, 1 << 20))
+        if not data:
+            return None
+        chunks.append(data)
+        size -= len(data)
+    return b''.join(chunks)
+
+
+def _exit_text(status):
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return 'was killed by %s' % signal.Signals(number).name
+        except ValueError:
+            return 'was killed by signal %d' % number
+    return 'exited with status %d' % os.WEXITSTATUS(status)
+
+
+class _WorkerProcess(object):
+    """The supervisor's view of one worker: its number, pid and socket
+    pair."""
+
+    def __init__(self, number, pid, channel):
+        self.number = number
+        self.pid = pid
+        self.channel = channel
+        self.alive = True
+        self.started = time.monotonic()
+
+    def reply(self, seq, deadline):
+        """The worker's answer to message *seq*, or None (it died, or did
+        not answer by *deadline*)."""
+        try:
+            while True:
+                self.channel.settimeout(max(0.001, deadline -
+                                            time.monotonic()))
+                message = _recv_message(self.channel)
+                if message is None:
+                    self.alive = False      # its end: it is exiting
+                    return None
+                if message.get('seq') == seq:
+                    return message
+        except (socket.timeout, ValueError):
+            pass                    # silent (or garbled): see answer()
+        except OSError:
+            self.alive = False
+        return None
+
+
+class _Supervisor(object):
+    """The process the user started, with --workers above 1: it holds each
+    port, answers the control API, and forks, watches and stops the
+    workers (see the notes above)."""
+
+    supervising = True
+    #: seconds a worker has to answer a change or a read, and to be ready
+    #: (an API call under 200 busy streams takes 50 ms: README.txt)
+    answer_timeout = 5.0
+    #: seconds the workers have to stop before they are killed
+    stop_wait = 0.8
+
+    def __init__(self, count):
+        self.count = count
+        self.proxies = self.control = None
+        self.cpus = [None] * count
+        self.allowed = set()
+        #: held by every API call and every fork: no change is half made
+        #: in a worker's copy of the model, and each reaches every worker
+        self.lock = threading.Lock()
+        self.workers = [None] * count
+        self.stopping = False
+        self._seq = 0
+        self._exited = threading.Condition()
+
+    @classmethod
+    def plan(cls, settings):
+        """The supervisor that --workers asks for (None for one process),
+        made before any proxy: proxies are made for it.  VaurienError
+        where the platform cannot."""
+        count = worker_count(settings['workers'])
+        if count == 1:
+            return None
+        if not hasattr(os, 'fork') or not hasattr(socket, 'SO_REUSEPORT'):
+            raise VaurienError('workers %d: this platform has no %s (use '
+                               '--workers 1)' % (count, 'os.fork' if not
+                                                 hasattr(os, 'fork') else
+                                                 'SO_REUSEPORT'))
+        global _COUNTERS, _ROLE
+        _COUNTERS = _SharedCounters()
+        _ROLE = supervisor = cls(count)
+        return supervisor
+
+    def share_port(self, server, sock):
+        """Called before each bind of a proxy's socket."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+    def start(self, proxies, control, cpu, allowed):
+        """Fork every worker and wait until each listens.  *cpu*: the CPU
+        the supervisor was pinned to (None: not pinned); worker k takes
+        the k-th CPU from it."""
+        self.proxies, self.control, self.allowed = proxies, control, allowed
+        if control is not None:
+            control.workers = self
+        if cpu is not None:
+            ordered = sorted(allowed | {cpu})
+            first = ordered.index(cpu)
+            self.cpus = [ordered[(first + number) % len(ordered)]
+                         for number in range(self.count)]
+        try:
+            for number in range(self.count):
+                self._start_worker(number)
+        except VaurienError:
+            self.stop()
+            raise
+        threading.Thread(target=self._watch, name='vaurien workers',
+                         daemon=True).start()
+
+    def pids(self):
+        return [worker.pid for worker in self.workers if worker is not None]
+
+    def _start_worker(self, number):
+        with self.lock:
+            if self.stopping:
+                return None
+            ours, theirs = socket.socketpair()
+            # the child resets the handlers before a stop signal may run
+            # one: the supervisor's would wake the supervisor
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            pid = None
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                ours.close()
+                theirs.close()
+                raise VaurienError('cannot start worker %d: %s' % (
+                    number, _os_error_text(exc)))
+            finally:
+                if pid != 0:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if pid == 0:
+                ours.close()
+                _Worker.main(self, number, theirs)   # does not return
+            theirs.close()
+            worker = _WorkerProcess(number, pid, ours)
+            self.workers[number] = worker
+            if self.stopping:       # stop() came meanwhile
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+                return None
+            ready = worker.reply(None, time.monotonic() + self.answer_timeout)
+            if ready is None:
+                raise VaurienError('worker %d (pid %d) did not start: its log '
+                                   'says why' % (number, pid))
+        return worker
+
+    def answer(self, control, toxiproxy, method, path, body):
+        """The answer to an API request: the supervisor's own, once every
+        worker made the same change; for a read of live state, every
+        worker's merged."""
+        route = path.split('?', 1)[0].rstrip('/') or '/'
+        live = route == '/metrics' if toxiproxy else (
+            method == 'GET' and route in _LIVE_READS)
+        with self.lock:
+            slots = _COUNTERS.next_slot
+            if toxiproxy:
+                local = control.toxiproxy.call(method, path, body)
+                status = local.status
+            else:
+                local = control.controller.call(method, path, body)
+                status = local[0]
+            if live and status != 200 or not live and method in ('GET',
+                                                                 'HEAD'):
+                return local
+            message = {'toxiproxy': toxiproxy, 'method': method,
+                       'path': path, 'body': body.decode('latin-1')}
+            if not live:
+                # what the worker needs to make the same change: the next
+                # counter's number, and where the proxies listen (a port
+                # 0 the supervisor resolved)
+                message['slots'] = slots
+                message['addresses'] = dict(
+                    (server.name, list(server.server_address[:2]))
+                    for server in self.proxies.servers()
+                    if server.socket is not None)
+            answers, silent = self._broadcast(message)
+            if live:
+                return _merge_live(toxiproxy, route, local, answers)
+            # a worker that did not make the change as the supervisor did
+            # is forked again, from the model that has it
+            for worker, reply in answers:
+                if reply.get('status') != status:
+                    self._replace(worker, 'answered %s %.100s with %s where '
+                                  'the supervisor answered %s' % (
+                                      method, path, reply.get('status'),
+                                      status))
+            for worker in silent:
+                self._replace(worker, 'did not answer %s %.100s within %g '
+                              'seconds' % (method, path, self.answer_timeout))
+        return local
+
+    def _replace(self, worker, why):
+        logger.warning('worker %d (pid %d) %s: killing it', worker.number,
+                       worker.pid, why)
+        with contextlib.suppress(OSError):
+            os.kill(worker.pid, signal.SIGKILL)
+
+    def _broadcast(self, message):
+        """Send *message* to every worker alive: ``([(worker, reply)],
+        [worker that did not answer])``."""
+        self._seq += 1
+        message['seq'] = self._seq
+        sent = []
+        for worker in self.workers:
+            if worker is None or not worker.alive:
+                continue
+            try:
+                _send_message(worker.channel, message)
+            except OSError:
+                continue
+            sent.append(worker)
+        deadline = time.monotonic() + self.answer_timeout
+        answers, silent = [], []
+        for worker in sent:
+            reply = worker.reply(self._seq, deadline)
+            if reply is not None:
+                answers.append((worker, reply))
+            elif worker.alive:
+                silent.append(worker)
+        return answers, silent
+
+    def _watch(self):
+        """Reap the workers that end; start again those that died."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                if self.stopping:
+                    return
+                time.sleep(0.1)
+                continue
+            found = [worker for worker in self.workers
+                     if worker is not None and worker.pid == pid]
+            if not found:
+                continue
+            worker = found[0]
+            with self._exited:
+                worker.alive = False
+                self._exited.notify_all()
+            with self.lock:
+                worker.channel.close()
+            if status == 0:
+                # stopped by a signal of its own: a Ctrl-C reaches every
+                # process of the terminal; the supervisor may be stopping
+                time.sleep(0.2)
+            if self.stopping:
+                continue
+            logger.warning('worker %d (pid %d) %s: starting it again (its '
+                           'connections are lost)', worker.number, pid,
+                           _exit_text(status))
+            if time.monotonic() - worker.started < 1:
+                time.sleep(1)       # one that dies at once: no fork storm
+            self._restart(worker.number)
+
+    def _restart(self, number):
+        while not self.stopping:
+            try:
+                new = self._start_worker(number)
+            except VaurienError as exc:
+                logger.error('%s; trying again in a second', exc)
+                time.sleep(1)
+                continue
+            if new is not None:
+                logger.warning('worker %d started again (pid %d)', number,
+                               new.pid)
+            return
+
+    def stop(self):
+        """Stop every worker: SIGTERM, then SIGKILL after ``stop_wait``
+        seconds."""
+        # not under the lock: an API call may be waiting for a worker that
+        # does not answer (a fork under way kills its own if need be)
+        self.stopping = True
+        workers = [worker for worker in list(self.workers)
+                   if worker is not None and worker.alive]
+        for signum, wait in ((signal.SIGTERM, self.stop_wait),
+                             (signal.SIGKILL, 0.2)):
+            for worker in workers:
+                if worker.alive:
+                    with contextlib.suppress(OSError):
+                        os.kill(worker.pid, signum)
+            deadline = time.monotonic() + wait
+            with self._exited:
+                while any(worker.alive for worker in workers):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._exited.wait(left)
+            if not any(worker.alive for worker in workers):
+                return
+
+
+class _Worker(object):
+    """A worker process's part: the proxies it inherited, listening on
+    sockets of its own; the changes the supervisor sends, applied."""
+
+    supervising = False
+
+    def __init__(self, supervisor, number, channel):
+        self.number = number
+        self.channel = channel
+        self.proxies = supervisor.proxies
+        self.control = supervisor.control
+        #: where the supervisor's proxies listen, by name
+        self.addresses = {}
+
+    @classmethod
+    def main(cls, supervisor, number, channel):
+        """The worker process (a fork of *supervisor*): serve until a stop
+        signal or the supervisor's end, then exit."""
+        global _ROLE
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            _ROLE = worker = cls(supervisor, number, channel)
+            worker.run(supervisor)
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                logger.error('worker %d failed: %s: %s', number,
+                             type(exc).__name__, exc)
+                logger.debug('worker failure', exc_info=True)
+        finally:
+            os._exit(code)
+
+    def share_port(self, server, sock):
+        """Called before each bind: the port the supervisor got."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        address = self.addresses.get(server.name)
+        if address is not None:
+            server.server_address = tuple(address)
+
+    def run(self, supervisor):
+        for other in supervisor.workers:
+            if other is not None:
+                other.channel.close()
+        if self.control is not None:
+            self.control.socket.close()     # the supervisor answers it
+        # what threads of the supervisor may have held at the fork
+        API_FIRST.__init__()
+        _COUNTERS.after_fork()
+        self.proxies.stopped = threading.Event()
+        self.proxies.waker = None       # the supervisor's
+        self.proxies._lock = threading.RLock()
+        cpu = supervisor.cpus[self.number]
+        if cpu is not None:
+            try:
+                os.sched_setaffinity(0, {cpu})
+            except OSError as exc:
+                logger.warning('worker %d: cannot keep to CPU %d (%s)',
+                               self.number, cpu, _os_error_text(exc))
+        for server in self.proxies.servers():
+            server._stop_request = threading.Event()
+            server._stopped = threading.Event()
+            server._stats_lock = threading.Lock()
+            server._listen_lock = threading.Lock()
+            server._spares_lock = threading.Lock()
+            if server.socket is not None:
+                inherited, server.socket = server.socket, None
+                inherited.close()
+                server._listen_again()
+            self.proxies.start_accepting(server)
+        threading.Thread(target=self._serve_channel, daemon=True,
+                         name='vaurien worker channel').start()
+        _send_message(self.channel, {'seq': None, 'ready': os.getpid()})
+        serve(self.proxies, None, supervisor.allowed - {cpu}
+              if cpu is not None else ())
+
+    def _serve_channel(self):
+        """Apply the supervisor's messages in turn; at its end, stop."""
+        while True:
+            try:
+                message = _recv_message(self.channel)
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                logger.info('worker %d: the supervisor is gone: stopping',
+                            self.number)
+                self.proxies.stop()
+                return
+            turn = _Turn()          # the connections give way meanwhile
+            try:
+                reply = self._apply(message)
+            except Exception as exc:
+                logger.error('worker %d: %s %.100s failed: %s: %s',
+                             self.number, message.get('method'),
+                             message.get('path'), type(exc).__name__, exc)
+                reply = {'status': 500}
+            finally:
+                turn.end()
+            reply['seq'] = message['seq']
+            try:
+                _send_message(self.channel, reply)
+            except OSError:
+                self.proxies.stop()
+                return
+
+    def _apply(self, message):
+        if 'slots' in message:
+            _COUNTERS.next_slot = message['slots']
+            self.addresses = message['addresses']
+        body = message['body'].encode('latin-1')
+        if message['toxiproxy']:
+            reply = self.control.toxiproxy.call(message['method'],
+                                                message['path'], body)
+            return {'status': reply.status,
+                    'body': reply.body.decode('latin-1')}
+        status, answer = self.control.controller.call(
+            message['method'], message['path'], body)
+        return {'status': status, 'answer': answer}
+
+
+def _merge_live(toxiproxy, route, local, answers):
+    """A read of live state over every worker, from each one's answer."""
+    if toxiproxy:
+        texts = [local.body.decode('utf-8')] + [
+            reply['body'] for _, reply in answers if reply['status'] == 200]
+        return _Reply(200, _merge_metrics(texts).encode('utf-8'),
+                      local.headers)
+    status, merged = local
+    merged = dict(merged)
+    replies = [(worker, reply['answer']) for worker, reply in answers
+               if reply['status'] == 200]
+    if route == '/connections':
+        found = []
+        for worker, answer in replies:
+            for conn in answer['connections']:
+                conn['worker'] = worker.pid
+                found.append(conn)
+        merged['connections'] = sorted(found, key=lambda conn: conn['id'])
+    elif route == '/decisions':
+        merged['decisions'] = sorted(
+            (record for _, answer in replies
+             for record in answer['decisions']),
+            key=lambda record: record['id'])
+    else:
+        exchanges = collections.Counter()
+        for key in ('connections', 'open_connections', 'backend_errors',
+                    'bytes_up', 'bytes_down'):
+            merged[key] = sum(answer[key] for _, answer in replies)
+        for _, answer in replies:
+            exchanges.update(answer['exchanges'])
+        merged['exchanges'] = dict(exchanges)
+        merged['workers'] = [worker.pid for worker, _ in replies]
+    return status, merged
+
+
+def _merge_metrics(texts):
+    """Prometheus texts (prometheus_text's) summed, series by series."""
+    families = collections.OrderedDict()
+    for text in texts:
+        for line in text.splitlines():
+            if line.startswith('#'):
+                headers = families.setdefault(line.split()[2], (
+                    [], collections.OrderedDict()))[0]
+                if line not in headers:
+                    headers.append(line)
+            elif line:
+                key, _, value = line.rpartition(' ')
+                samples = families.setdefault(key.split('{')[0], (
+                    [], collections.OrderedDict()))[1]
+                samples[key] = samples.get(key, 0) + int(value)
+    lines = []
+    for headers, samples in families.values():
+        lines.extend(headers)
+        lines.extend('%s %d' % item for item in samples.items())
+    return '\n'.join(lines) + '\n'
 
 
 # Main ####################################################################
@@ -6864,10 +7564,17 @@ def serve(proxies, control=None, spare_cpus=()):
             if spare_cpus:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(0, spare_cpus)
-            logger.info('%s: stopping (%d connections open)',
-                        signal.Signals(signum).name, sum(
-                            len(server.connections)
-                            for server in proxies.servers()))
+            if _ROLE is not None and _ROLE.supervising:
+                # the connections are the workers': each says how many
+                logger.info('%s: stopping %d workers',
+                            signal.Signals(signum).name, _ROLE.count)
+            else:
+                logger.info('%s: stopping (%d connections open)',
+                            signal.Signals(signum).name, sum(
+                                len(server.connections)
+                                for server in proxies.servers()))
+        if _ROLE is not None and _ROLE.supervising:
+            _ROLE.stop()
         # what close_all() does, but for the connections (see above):
         # every listener closed at once, then every accepting thread ends
         servers = proxies.servers()
@@ -6903,6 +7610,8 @@ def _check_log(log, settings):
 
 def _close_all(control, proxies, server):
     # what a start that failed had opened already
+    if _ROLE is not None and _ROLE.supervising:
+        _ROLE.stop()
     if control is not None:
         control.server_close()
     if proxies is not None:
@@ -6929,6 +7638,16 @@ def _wait_for_stop(proxies, waiter, waker):
             if number in STOP_SIGNALS:
                 return number
     return None
+
+
+def _log_cpus(cpu, supervisor):
+    if supervisor is not None:
+        _say('%d workers, pids %s%s', supervisor.count, ', '.join(
+            map(str, supervisor.pids())), ', on CPUs %s' % ', '.join(
+                map(str, supervisor.cpus)) if cpu is not None else '')
+    elif cpu is not None:
+        logger.info('running on CPU %d (--cpu all lets threads use every '
+                    'CPU)', cpu)
 
 
 def _say(message, *args):
@@ -6963,6 +7682,7 @@ def main(argv=None):
         sys.setswitchinterval(SWITCH_INTERVAL)
         allowed = set(os.sched_getaffinity(0)) if hasattr(
             os, 'sched_getaffinity') else set()
+        supervisor = _Supervisor.plan(settings)
         # before any thread starts: they inherit the CPU
         cpu = pin_to_cpu(settings['cpu'])
         server = build_server(settings, plugin_options)
@@ -6972,6 +7692,8 @@ def main(argv=None):
             proxies.add(build_named_proxy(name, values, settings,
                                           plugin_options, proxies))
         control = start_control(settings, server, proxies)
+        if supervisor is not None:
+            supervisor.start(proxies, control, cpu, allowed)
         # where it listens is said whatever the log level (port 0 picks)
         _say('vaurien %s: proxying %s -> %s, protocol %s, behavior %s',
              __version__, format_address(server.address),
@@ -6981,9 +7703,7 @@ def main(argv=None):
                 _say('proxy %s: proxying %s -> %s, protocol %s, behavior '
                      '%s', other.name, other.listen, other.upstream,
                      other.protocol_name, other.mix)
-        if cpu is not None:
-            logger.info('running on CPU %d (--cpu all lets threads use every '
-                        'CPU)', cpu)
+        _log_cpus(cpu, supervisor)
         if control is not None:
             _say('control API on http://%s%s', format_address(control.address),
                  ' (bearer token required)' if control.token else '')
@@ -7027,7 +7747,7 @@ def server_main(argv):
     add('-version', '--version', action='store_true',
         help='print the version and exit')
     for name in ('http_token', 'log_level', 'log_output', 'timeout',
-                 'idle_timeout', 'cpu', 'plugins'):
+                 'idle_timeout', 'cpu', 'workers', 'plugins'):
         setting = _SETTINGS[name]
         add(setting.flag, dest=name, metavar=setting.metavar,
             help=setting.help_text())
@@ -7039,7 +7759,7 @@ def server_main(argv):
             return 0
         given = dict((name, getattr(args, name)) for name in (
             'http_token', 'log_level', 'log_output', 'timeout',
-            'idle_timeout', 'cpu', 'plugins', 'seed')
+            'idle_timeout', 'cpu', 'workers', 'plugins', 'seed')
             if getattr(args, name) is not None)
         settings = check_settings(given, 'vaurien server')
         load_plugins([m for m in settings['plugins'].split(',') if m.strip()])
@@ -7049,6 +7769,7 @@ def server_main(argv):
         sys.setswitchinterval(SWITCH_INTERVAL)
         allowed = set(os.sched_getaffinity(0)) if hasattr(
             os, 'sched_getaffinity') else set()
+        supervisor = _Supervisor.plan(settings)
         cpu = pin_to_cpu(settings['cpu'])
         proxies = Proxies(seed=settings['seed'],
                           timeout=settings['timeout'] or None,
@@ -7058,6 +7779,9 @@ def server_main(argv):
         control = start_control(settings, None, proxies,
                                 address=(args.host, port),
                                 toxiproxy_first=True)
+        if supervisor is not None:
+            supervisor.start(proxies, control, cpu, allowed)
+        _log_cpus(cpu, supervisor)
         _say("vaurien %s: Toxiproxy's API on http://%s%s, %d proxies",
              __version__, format_address(control.address),
              ' (bearer token required)' if control.token else '',

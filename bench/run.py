@@ -319,6 +319,19 @@ def cpu_seconds(pid):
     return ticks / CLK_TCK
 
 
+def cpu_by_process(pid):
+    """{pid: user+sys CPU seconds} of pid and each live descendant (the
+    workers of vaurien --workers N), each its own threads only."""
+    out = {}
+    for p in [pid] + descendants(pid):
+        try:
+            f = _stat_fields(p)
+        except OSError:
+            continue
+        out[p] = (int(f[11]) + int(f[12])) / CLK_TCK
+    return out
+
+
 def cpu_seconds_settled(pid, max_wait=5.0):
     """cpu_seconds() once the process tree is quiet: forked children that
     are exiting (zombies) have not yet been added to the parent's cutime,
@@ -970,10 +983,17 @@ def build_variants(args, notes):
         return argv
 
     variants.append(Variant("vaurien", make([])))
+    # issue 16: worker processes behind one port
+    variants.append(Variant("vaurien-w2", make(["--workers", "2"])))
+    variants.append(Variant("vaurien-wauto", make(["--workers", "auto"])))
     if template is None:
-        variants.append(Variant("vaurien-server", lambda api, b: prefix + [
-            "server", "-host", HOST, "-port", str(api),
-            "--log-level", "warning"], api=True))
+        def server(extra):
+            return lambda api, b: prefix + [
+                "server", "-host", HOST, "-port", str(api),
+                "--log-level", "warning"] + extra
+        variants.append(Variant("vaurien-server", server([]), api=True))
+        variants.append(Variant("vaurien-server-w2",
+                                server(["--workers", "2"]), api=True))
     toxiproxy = toxiproxy_bin(args.toxiproxy)
     if toxiproxy:
         variants.append(Variant("toxiproxy", lambda api, b: [
@@ -993,6 +1013,9 @@ def build_variants(args, notes):
         return variants
     variants.append(Variant("vaurien+delay", make(
         ["--behavior", "100:delay", "--behavior-delay-sleep", "0"])))
+    variants.append(Variant("vaurien+delay-w2", make(
+        ["--behavior", "100:delay", "--behavior-delay-sleep", "0",
+         "--workers", "2"])))
 
     listing = ""
     if prefix is not None:
@@ -1051,6 +1074,11 @@ def measure(ctx, wl, variant, rnd):
                                 "%s:%d" % (HOST, backend.port), [LATENCY_0])
             wait_listen(port, proxy, 20, variant.name, log)
             cpu0 = cpu_seconds(proxy.pid)
+            procs0 = cpu_by_process(proxy.pid)
+        # what the load generator (the harness's children reaped meanwhile)
+        # and the backend used: they share the machine with the proxy
+        client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        backend0 = cpu_seconds(backend.proc.pid)
         try:
             res = wl.run(ctx, port, proxy)
         except BenchError as exc:
@@ -1058,8 +1086,20 @@ def measure(ctx, wl, variant, rnd):
             if proxy is not None and proxy_said_something(log):
                 raise BenchError("%s%s" % (exc, log_tail(log, 3)))
             raise
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res["cpu_client"] = (client1.ru_utime + client1.ru_stime -
+                             client0.ru_utime - client0.ru_stime)
+        backend1 = cpu_seconds(backend.proc.pid)
+        if backend0 is not None and backend1 is not None:
+            res["cpu_backend"] = backend1 - backend0
         if proxy is not None:
             cpu1, quiet = cpu_seconds_settled(proxy.pid)
+            procs1 = cpu_by_process(proxy.pid)
+            if len(procs1) > 1:
+                # each process's share, the busiest first
+                res["cpu_procs"] = sorted(
+                    (procs1[p] - procs0.get(p, 0) for p in procs1),
+                    reverse=True)
             if not quiet:
                 res["busy"] = 1  # still burning CPU 5 s after the load
             if proxy.poll() is not None:
@@ -1196,6 +1236,17 @@ def notes_for(wl, vname, runs, direct_runs):
         pss = median_of(runs, "pss_kib_conn")
         if pss is not None:
             parts.append("PSS %s KiB/conn" % fmt(pss).strip())
+    procs = [r["cpu_procs"] for r in runs if "cpu_procs" in r]
+    if procs:
+        # the median of each rank (busiest process, next...)
+        ranks = max(len(p) for p in procs)
+        parts.append("cpu/proc %s" % "+".join(
+            "%.1f" % statistics.median(p[i] for p in procs if len(p) > i)
+            for i in range(ranks)))
+    client = median_of(runs, "cpu_client")
+    backend = median_of(runs, "cpu_backend")
+    if client is not None and backend is not None:
+        parts.append("load %.1f backend %.1f cpu s" % (client, backend))
     return ", ".join(parts)
 
 
@@ -1241,7 +1292,7 @@ def table(ctx):
             note = notes_for(wl, v.name, runs, direct)
             tmed = median_of(ctx.results.get((wl.name, "toxiproxy"), []),
                              "value")
-            if v.name == "vaurien-server" and med and tmed:
+            if v.is_vaurien and med and tmed:
                 note = "%.2fx toxiproxy" % (med / tmed) + (
                     ", " + note if note else "")
             busy = sum(r.get("busy", 0) for r in runs)
@@ -1278,14 +1329,19 @@ median: median over rounds (higher is better; conn/s = N / time to open N
   protocol modes' cost; "of vaurien+P": a behavior's variant / the
   protocol's pass-through, issue 14).  vaurien-server, toxiproxy: a proxy
   made through Toxiproxy's API, with one latency toxic of 0 ms; "Nx
-  toxiproxy": the vaurien-server median / the toxiproxy median.  cpu s:
+  toxiproxy": a vaurien variant's median / the toxiproxy median.  cpu s:
   user+sys CPU seconds of the proxy process (threads, children) from the
   start of the workload until the proxy is quiet again (at most 5 s after
   the load ends; "busy>5s after k/n": not quiet by then), median.  +-%:
   half the min-max range, % of median.  n: rounds that succeeded.
   redis -c1 notes: p50/p99 latency (direct), latency added (proxies);
   redis 1 by 1: the same, timed in microseconds by the harness itself.
-  PSS KiB/conn: proxy PSS growth while N connections are held, / N."""
+  PSS KiB/conn: proxy PSS growth while N connections are held, / N.
+  vaurien-w2, vaurien-wauto, vaurien+delay-w2: --workers 2 or auto
+  (issue 16); "cpu/proc a+b+c": the CPU seconds of each of the proxy's
+  processes, the busiest first (the supervisor last, near 0).  "load L
+  backend B cpu s": what the load generator and the backend used
+  meanwhile (they share the machine with the proxy)."""
 
 
 # --------------------------------------------------------------------------
@@ -1470,7 +1526,8 @@ def main(argv=None):
                         continue
                     ctx.results.setdefault(key, []).append(res)
                     extra = " ".join(
-                        "%s=%s" % (k, fmt(x).strip())
+                        "%s=%s" % (k, "+".join(fmt(y).strip() for y in x)
+                                   if isinstance(x, list) else fmt(x).strip())
                         for k, x in sorted(res.items()) if k != "value")
                     print("round %d/%d  %-14s %-14s %10s %-6s %s  (%.1fs)" % (
                         rnd, ctx.rounds, wl.name, v.name, fmt(res["value"]),
