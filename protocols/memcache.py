@@ -60,6 +60,9 @@ _RUN_VALUE = re.compile(br'VALUE \S{1,250} [0-9]{1,10} ([0-9]{1,10})'
                         br'(?: [0-9]{1,20})?\r\n')
 #: the longest one-line reply the fast lane looks for
 _RUN_LINE = 32
+#: the info of a reply's START and END on the fast lane (shared: never
+#: changed)
+_REPLY = {}
 
 #: a command's name is printable ASCII (memcached answers ERROR to
 #: anything else, a TLS ClientHello included)
@@ -95,10 +98,16 @@ class Memcache(FramedProtocol):
         """RUN function of the client's stream: the complete plain
         commands from *pos* on (get, gets, gat, gats; set, add, replace,
         append, prepend, cas with their data; incr, decr, delete, touch;
-        without noreply, outside a batch of quiet meta commands) while no
-        behavior can act on them.  A data block is passed over by its
-        length, never read."""
-        if self._loose or self.quiet() is None:
+        without noreply, outside a batch of quiet meta commands): a run
+        while no behavior can act on them, else one message each.  A data
+        block is passed over by its length, never read."""
+        if self._loose:
+            return pos, None
+        # while a behavior may act, each command is its own message (an
+        # exchange each), as the parser would frame it; a match needs the
+        # words the parser reads
+        each = self.quiet() is None
+        if each and self.described():
             return pos, None
         infos = []
         end = len(buf)
@@ -132,46 +141,67 @@ class Memcache(FramedProtocol):
                     stop += size + 2
                     if stop > end or buf[stop - 2:stop] != b'\r\n':
                         break
-            infos.append(info)
+            if each:
+                infos.append((stop, info, info))
+            else:
+                infos.append(info)
             pos = stop
+        if each:
+            return pos, None, infos
         return pos, infos
 
     def run_replies(self, buf, pos):
         """RUN function of the backend's stream: the complete replies
-        from *pos* on (values and END, one-line answers, an incr's number)
-        to requests no behavior acts on; their entries leave ``expected``
-        at once.  A value is passed over by its length, never read."""
-        expected = self.answers_pass()
-        if not expected:
-            return pos, None
+        from *pos* on (values and END, one-line answers, an incr's
+        number): a run while no behavior acts on them (their entries leave
+        ``expected`` at once), else one message each (they leave it as
+        their ENDs are handled).  A value is passed over by its length,
+        never read."""
+        expected = self.expected
+        quick = self.answers_pass() is not None
         end = len(buf)
         find = buf.find
         value = _RUN_VALUE.match
         lines = _RUN_LINES
-        while expected and pos < end:
-            exchange, info = expected[0]
-            if 'barrier' in info or 'drop_answer' in info or \
-                    not self.passes(exchange):
+        run = None          # a run, or messages: the first reply says
+        messages = []
+        index = 0           # into expected, for messages
+        while index < len(expected) and pos < end:
+            exchange, info = expected[index]
+            if 'barrier' in info or 'drop_answer' in info:
                 break
+            passes = quick and self.passes(exchange)
+            if run is None:
+                run = passes
+            elif run and not passes:
+                break
+            # the values, then the line that ends the reply: a reply the
+            # lane does not know whole (a break) is the parser's
             at = pos
             while buf.startswith(b'VALUE ', at):
                 found = value(buf, at)
                 if found is None:
-                    return pos, None
+                    break
                 size = int(found.group(1))
                 if size > MAX_VALUE:
-                    return pos, None
+                    break
                 at = found.end() + size + 2
                 if at > end or buf[at - 2:at] != b'\r\n':
-                    return pos, None
-            stop = find(b'\n', at, at + _RUN_LINE) + 1
-            if not stop:
-                break
-            line = buf[at:stop]
-            if line not in lines and _RUN_NUMBER.match(line) is None:
-                break
-            expected.popleft()
-            pos = stop
+                    break
+            else:
+                stop = find(b'\n', at, at + _RUN_LINE) + 1
+                if stop and (buf[at:stop] in lines or
+                             _RUN_NUMBER.match(buf, at, stop)):
+                    if run:
+                        expected.popleft()
+                    else:
+                        messages.append((stop, _REPLY, _REPLY))
+                        index += 1
+                    pos = stop
+                    continue
+            break
+        if messages:
+            return pos, None, messages
         return pos, None
 
     # requests

@@ -236,8 +236,32 @@ class LaneAgreesWithParserTest(ProxyCase):
             self.assertEqual(pos, len(PLAIN_REPLIES[0]), reply)
             self.assertEqual(len(self.lane.expected), 2, reply)
 
-    def test_nothing_while_a_behavior_may_act(self):
-        self.server.set_mix('error')
+    def test_one_by_one_while_a_behavior_may_act(self):
+        # each command its own message, as the parser frames it
+        data = b''.join(PLAIN)
+        infos, ends = parser_infos(data)
+        self.server.set_mix('error', {'error': {'inject': True}})
+        pos, got, messages = self.lane.run_commands(data + b'get', 0)
+        self.assertEqual((pos, got), (len(data), None))
+        self.assertEqual(messages, list(zip(ends, infos, infos)))
+        # and their replies, while the behavior may act on them
+        entries = []
+        for info in infos:
+            exchange = self.conn.start_exchange(info['request'])
+            self.assertFalse(self.lane.passes(exchange))
+            entries.append((exchange, info))
+        data = b''.join(PLAIN_REPLIES)
+        _, ends = parser_infos(data, replies=True)
+        self.lane.expected.extend(entries)
+        pos, got, messages = self.lane.run_replies(data + b'VALUE', 0)
+        self.assertEqual((pos, got), (len(data), None))
+        self.assertEqual(messages, [(end, {}, {}) for end in ends])
+        # their entries leave expected as their ENDs are handled
+        self.assertEqual(list(self.lane.expected), entries)
+
+    def test_nothing_while_a_match_is_in_force(self):
+        # a match reads the words of each command: the parser's
+        self.server.set_mix('error', {'error': {'match': 'get'}})
         pos, got = self.lane.run_commands(b''.join(PLAIN), 0)
         self.assertEqual((pos, got), (0, None))
 
@@ -314,10 +338,13 @@ class LaneThroughProxyTest(ProxyCase):
     def make_backend(self):
         return Script()
 
+    #: the mix put back after a probe: (text, options)
+    mix = ('dummy', None)
+
     def talk(self, request, cuts, size, probe=True):
         """Send *request* in pieces at *cuts* (a pause between), read
         *size* bytes back; then the probe, under ``error``, on the same
-        connection."""
+        connection, and ``self.mix`` again."""
         with support.connect(self.server.address) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             cuts = sorted(set([0, len(request)] + list(cuts)))
@@ -334,27 +361,28 @@ class LaneThroughProxyTest(ProxyCase):
                         sock, len(PROBE_ANSWER)), PROBE_ANSWER,
                         'the probe after cuts at %s' % cuts)
                 finally:
-                    self.server.set_mix('dummy')
+                    self.server.set_mix(*self.mix)
             return answer
 
-    def check(self, commands, replies, splits=None):
+    def check(self, commands, replies, splits=None, behavior='dummy'):
         """Every split of the joined *commands* and of the joined
         *replies* (at the same place, modulo the shorter's length): the
-        bytes pass exactly, each command is one exchange."""
+        bytes pass exactly, each command is one exchange (of
+        *behavior*)."""
         request, reply = b''.join(commands), b''.join(replies)
         self.backend.expect, self.backend.reply = request, reply
         if splits is None:
             splits = range(max(len(request), len(reply)))
         for split in splits:
             self.backend.split = split % len(reply)
-            before = self.server.exchange_counts['dummy']
+            before = self.server.exchange_counts[behavior]
             got = self.talk(request, [len(commands[0]),
                                       split % len(request)], len(reply))
             self.assertEqual(got, reply, 'split at %d' % split)
             self.assertEqual(self.warnings.lines, [], 'split at %d' % split)
             self.assertEqual(self.backend.read(), request,
                              'split at %d' % split)
-            self.assertEqual(self.server.exchange_counts['dummy'] - before,
+            self.assertEqual(self.server.exchange_counts[behavior] - before,
                              len(commands), 'split at %d' % split)
 
     def test_every_split_both_ways(self):
@@ -373,6 +401,25 @@ class LaneThroughProxyTest(ProxyCase):
     def test_pipelined_runs_in_one_read(self):
         commands, replies = PLAIN * 60, PLAIN_REPLIES * 60
         self.check(commands, replies, splits=[0, 1, 700, 4000, 7001])
+
+    def test_one_by_one_under_a_behavior(self):
+        # delay acts on every command (sleep 0: it only runs): each is its
+        # own message, framed by the lane, the replies a run.  Before a
+        # behavior acts, the answers to the earlier commands come back:
+        # the backend answers each command in turn
+        self.mix = ('delay', {'delay': {'sleep': 0}})
+        self.server.set_mix(*self.mix)
+        self.backend.steps = list(zip(PLAIN, PLAIN_REPLIES))
+        self.check(PLAIN, PLAIN_REPLIES, behavior='delay')
+
+    def test_one_by_one_under_a_toxic(self):
+        # a toxic acts on the answers: each reply is its own message
+        toxic = vaurien.make_toxic(self.server, {
+            'type': 'latency', 'stream': 'downstream',
+            'attributes': {'latency': 0}}, self.server.toxics)
+        self.server.toxics.add(toxic)
+        self.check(PLAIN, PLAIN_REPLIES,
+                   splits=range(0, len(b''.join(PLAIN_REPLIES)), 2))
 
     def test_a_quiet_batch_between_runs(self):
         # get c inside the batch awaits no answer of its own: its END is
