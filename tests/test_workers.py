@@ -184,6 +184,17 @@ def _echoed(socks):
     return echoed
 
 
+def _echo_all(test, socks, size):
+    """Send each connection its own payload (of *size* bytes and more) at
+    once, then check each echo, byte for byte; the payloads."""
+    payloads = [os.urandom(size + number) for number in range(len(socks))]
+    for sock, payload in zip(socks, payloads):
+        sock.sendall(payload)
+    for sock, payload in zip(socks, payloads):
+        test.assertEqual(support.recv_exactly(sock, len(payload)), payload)
+    return payloads
+
+
 def _settled_stats(run):
     """/stats once every connection has closed."""
     return _wait_for(lambda: (lambda s: s if s['open_connections'] == 0
@@ -233,12 +244,7 @@ class WorkersTest(unittest.TestCase):
         try:
             for number in range(40):
                 socks.append(support.connect(run.address))
-            payloads = [os.urandom(100000 + number) for number in range(40)]
-            for sock, payload in zip(socks, payloads):
-                sock.sendall(payload)
-            for sock, payload in zip(socks, payloads):
-                self.assertEqual(support.recv_exactly(sock, len(payload)),
-                                 payload)
+            payloads = _echo_all(self, socks, 100000)
             workers = self.workers_of(run, socks)
             # ids unique across the workers, each worker serving some
             self.assertEqual(len(workers), 40)
@@ -556,12 +562,7 @@ class SharedListenerTest(unittest.TestCase):
             self.assertEqual(len(workers), 2)
             socks = [support.connect(run.address) for _ in range(40)]
             try:
-                payloads = [os.urandom(50000 + n) for n in range(40)]
-                for sock, payload in zip(socks, payloads):
-                    sock.sendall(payload)
-                for sock, payload in zip(socks, payloads):
-                    self.assertEqual(support.recv_exactly(sock, len(payload)),
-                                     payload)
+                _echo_all(self, socks, 50000)
                 conns = run.get('/connections')['connections']
                 self.assertEqual(len(conns), 40)
                 self.assertLessEqual(set(c['worker'] for c in conns), workers)
