@@ -2771,37 +2771,51 @@ class ProxyServer(socketserver.ThreadingTCPServer):
                 return False
             family = socket.AF_INET6 if ':' in self.server_address[0] \
                 else socket.AF_INET
-            listener = socket.socket(family, self.socket_type)
-            try:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,
-                                    1)
-                if _ROLE is not None:
-                    _ROLE.share_port(self, listener)
-                _dual_stack(listener, self.server_address)
-                listener.bind(self.server_address)
-                if _ROLE is None or not _ROLE.supervising:
-                    listener.listen(self.request_queue_size)
-            except BaseException:
-                listener.close()
-                raise
+            listener = None if _ROLE is None else _ROLE.adopt(self)
+            if listener is None:
+                listener = self._new_listener(family)
             self.server_address = listener.getsockname()
             self._listen_shown = format_address(self.address)
             self.socket = listener
         return True
 
+    def _new_listener(self, family):
+        listener = socket.socket(family, self.socket_type)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if _ROLE is not None:
+                _ROLE.share_port(self, listener)
+            _dual_stack(listener, self.server_address)
+            listener.bind(self.server_address)
+            if _ROLE is None or _ROLE.listens:
+                listener.listen(self.request_queue_size)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
     def server_bind(self):
         """Replaces the base method: ``::`` takes IPv4 clients too (as Go
-        listens), and the address it got is what Toxiproxy shows."""
-        _dual_stack(self.socket, self.server_address)
-        if _ROLE is not None:
-            _ROLE.share_port(self, self.socket)
-        socketserver.ThreadingTCPServer.server_bind(self)
+        listens), and the address it got is what Toxiproxy shows.  A
+        worker sharing the supervisor's listening sockets takes the one
+        passed to it instead (see _Worker.adopt)."""
+        adopted = None if _ROLE is None else _ROLE.adopt(self)
+        if adopted is not None:
+            self.socket.close()
+            self.socket = adopted
+            self.server_address = adopted.getsockname()
+        else:
+            _dual_stack(self.socket, self.server_address)
+            if _ROLE is not None:
+                _ROLE.share_port(self, self.socket)
+            socketserver.ThreadingTCPServer.server_bind(self)
         self._listen_shown = format_address(self.address)
 
     def server_activate(self):
         """Replaces the base method: the supervisor of workers holds the
-        port, bound but not listening (see _Supervisor)."""
-        if _ROLE is None or not _ROLE.supervising:
+        port, bound but not listening, unless the workers share its
+        listening sockets (see _Supervisor)."""
+        if _ROLE is None or _ROLE.listens:
             socketserver.ThreadingTCPServer.server_activate(self)
 
     # a named proxy's life (see Proxies)
@@ -6887,6 +6901,9 @@ def pin_to_cpu(choice='auto'):
 # bound with SO_REUSEPORT and never listens, so that the port (port 0
 # resolved once) stays the proxy's, and every worker binds it too, each
 # with its own listening socket (the kernel spreads the connections).
+# Where there is no SO_REUSEPORT (or VAURIEN_WORKERS_LISTEN=shared), the
+# supervisor's sockets listen and the workers share them (inherited at the
+# fork; a socket made later is passed with the change, SCM_RIGHTS).
 #
 #     supervisor: control API, the model (proxies, mixes, toxics)
 #        |  fork (its model at that moment), a private socket pair each
@@ -7011,18 +7028,53 @@ class _SharedCount(object):
         return self._start + self._counters.next(self._slot)
 
 
-def _send_message(sock, value):
+def _send_message(sock, value, fds=()):
+    """Send *value* (JSON) on a worker's socket pair, with the descriptors
+    *fds* (SCM_RIGHTS: the other process gets its own copies)."""
     data = json.dumps(value).encode('utf-8')
-    sock.sendall(_LENGTH.pack(len(data)) + data)
+    data = _LENGTH.pack(len(data)) + data
+    if fds:
+        # the descriptors go with the first bytes, the rest as usual
+        sent = sock.sendmsg([data[:_LENGTH.size]], [(
+            socket.SOL_SOCKET, socket.SCM_RIGHTS,
+            struct.pack('%di' % len(fds), *fds))])
+        data = data[sent:]
+    sock.sendall(data)
 
 
-def _recv_message(sock):
-    """The next message on a worker's socket pair; None at its end."""
-    head = _recv_exactly(sock, _LENGTH.size)
-    if head is None:
+def _recv_message(sock, fds=None):
+    """The next message on a worker's socket pair; None at its end.  The
+    descriptors that came with it are added to *fds* (a list), or closed
+    when there is none."""
+    if not _HAS_FD_PASSING:
+        head = _recv_exactly(sock, _LENGTH.size)
+    else:
+        head, ancillary, _, _ = sock.recvmsg(
+            _LENGTH.size, socket.CMSG_SPACE(_MAX_FDS * _INT_SIZE))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                count = len(payload) // _INT_SIZE
+                got = struct.unpack('%di' % count,
+                                    payload[:count * _INT_SIZE])
+                if fds is None:
+                    for fd in got:
+                        os.close(fd)
+                else:
+                    fds.extend(got)
+        if head and len(head) < _LENGTH.size:
+            rest = _recv_exactly(sock, _LENGTH.size - len(head))
+            head = None if rest is None else head + rest
+    if not head:
         return None
     data = _recv_exactly(sock, _LENGTH.unpack(head)[0])
     return None if data is None else json.loads(data.decode('utf-8'))
+
+
+_HAS_FD_PASSING = hasattr(socket, 'SCM_RIGHTS') and hasattr(socket.socket,
+                                                            'recvmsg')
+_INT_SIZE = struct.calcsize('i')
+#: the most listening sockets one change passes to the workers
+_MAX_FDS = 250
 
 
 def _recv_exactly(sock, size):
@@ -7110,19 +7162,42 @@ class _Supervisor(object):
         count = worker_count(settings['workers'])
         if count == 1:
             return None
-        if not hasattr(os, 'fork') or not hasattr(socket, 'SO_REUSEPORT'):
+        shared = os.environ.get('VAURIEN_WORKERS_LISTEN') == 'shared' or \
+            not hasattr(socket, 'SO_REUSEPORT')
+        missing = ('os.fork' if not hasattr(os, 'fork') else
+                   'SO_REUSEPORT nor descriptor passing' if shared and
+                   not _HAS_FD_PASSING else None)
+        if missing:
             raise VaurienError('workers %d: this platform has no %s (use '
-                               '--workers 1)' % (count, 'os.fork' if not
-                                                 hasattr(os, 'fork') else
-                                                 'SO_REUSEPORT'))
+                               '--workers 1)' % (count, missing))
         global _COUNTERS, _ROLE
         _COUNTERS = _SharedCounters()
         _ROLE = supervisor = cls(count)
+        supervisor.shared = shared
         return supervisor
+
+    #: whether the workers share the supervisor's listening sockets (one
+    #: accept queue per port, the sockets passed on with each change)
+    #: rather than each listen on its own (SO_REUSEPORT)
+    shared = False
+
+    @property
+    def listens(self):
+        """Whether its proxies' sockets listen: only for the workers to
+        share them."""
+        return self.shared
 
     def share_port(self, server, sock):
         """Called before each bind of a proxy's socket."""
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if not self.shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        else:
+            # every worker polls it and accepts: those that lose the race
+            # must find nothing (EAGAIN), not wait in accept()
+            sock.setblocking(False)
+
+    def adopt(self, server):
+        return None     # it makes the sockets
 
     def start(self, proxies, control, cpu, allowed):
         """Fork every worker and wait until each listens.  *cpu*: the CPU
@@ -7215,7 +7290,15 @@ class _Supervisor(object):
                     (server.name, list(server.server_address[:2]))
                     for server in self.proxies.servers()
                     if server.socket is not None)
-            answers, silent = self._broadcast(message)
+            fds = []
+            if self.shared and not live:
+                # the listening sockets go along: a worker takes the one
+                # of a proxy it has to listen for (see _Worker.adopt)
+                listening = [server for server in self.proxies.servers()
+                             if server.socket is not None][:_MAX_FDS]
+                message['sockets'] = [server.name for server in listening]
+                fds = [server.socket.fileno() for server in listening]
+            answers, silent = self._broadcast(message, fds)
             if live:
                 return _merge_live(toxiproxy, route, local, answers)
             # a worker that did not make the change as the supervisor did
@@ -7237,9 +7320,9 @@ class _Supervisor(object):
         with contextlib.suppress(OSError):
             os.kill(worker.pid, signal.SIGKILL)
 
-    def _broadcast(self, message):
-        """Send *message* to every worker alive: ``([(worker, reply)],
-        [worker that did not answer])``."""
+    def _broadcast(self, message, fds=()):
+        """Send *message* (and the descriptors *fds*) to every worker
+        alive: ``([(worker, reply)], [worker that did not answer])``."""
         self._seq += 1
         message['seq'] = self._seq
         sent = []
@@ -7247,7 +7330,7 @@ class _Supervisor(object):
             if worker is None or not worker.alive:
                 continue
             try:
-                _send_message(worker.channel, message)
+                _send_message(worker.channel, message, fds)
             except OSError:
                 continue
             sent.append(worker)
@@ -7337,14 +7420,19 @@ class _Worker(object):
     sockets of its own; the changes the supervisor sends, applied."""
 
     supervising = False
+    listens = True
 
     def __init__(self, supervisor, number, channel):
         self.number = number
         self.channel = channel
         self.proxies = supervisor.proxies
         self.control = supervisor.control
+        self.shared = supervisor.shared
         #: where the supervisor's proxies listen, by name
         self.addresses = {}
+        #: the supervisor's listening sockets passed with the change being
+        #: applied, by proxy name (the workers share them)
+        self._passed = {}
 
     @classmethod
     def main(cls, supervisor, number, channel):
@@ -7368,9 +7456,23 @@ class _Worker(object):
         finally:
             os._exit(code)
 
+    def adopt(self, server):
+        """The supervisor's listening socket for *server*, when the
+        workers share them and the change being applied passed it (None:
+        bind as usual)."""
+        fd = self._passed.pop(server.name, None)
+        if fd is None:
+            return None
+        try:
+            return socket.fromfd(fd, server.address_family,
+                                 server.socket_type)
+        finally:
+            os.close(fd)
+
     def share_port(self, server, sock):
         """Called before each bind: the port the supervisor got."""
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if not self.shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         address = self.addresses.get(server.name)
         if address is not None:
             server.server_address = tuple(address)
@@ -7400,7 +7502,8 @@ class _Worker(object):
             server._stats_lock = threading.Lock()
             server._listen_lock = threading.Lock()
             server._spares_lock = threading.Lock()
-            if server.socket is not None:
+            if server.socket is not None and not self.shared:
+                # (shared: the inherited one is the supervisor's, listening)
                 inherited, server.socket = server.socket, None
                 inherited.close()
                 server._listen_again()
@@ -7414,8 +7517,9 @@ class _Worker(object):
     def _serve_channel(self):
         """Apply the supervisor's messages in turn; at its end, stop."""
         while True:
+            fds = []
             try:
-                message = _recv_message(self.channel)
+                message = _recv_message(self.channel, fds)
             except (OSError, ValueError):
                 message = None
             if message is None:
@@ -7423,6 +7527,7 @@ class _Worker(object):
                             self.number)
                 self.proxies.stop()
                 return
+            self._passed = dict(zip(message.get('sockets', ()), fds))
             turn = _Turn()          # the connections give way meanwhile
             try:
                 reply = self._apply(message)
@@ -7433,6 +7538,10 @@ class _Worker(object):
                 reply = {'status': 500}
             finally:
                 turn.end()
+                # the sockets it did not take: it listens already
+                for fd in self._passed.values():
+                    os.close(fd)
+                self._passed = {}
             reply['seq'] = message['seq']
             try:
                 _send_message(self.channel, reply)

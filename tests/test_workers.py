@@ -55,7 +55,7 @@ class Run(object):
     """vaurien.py (or ``vaurien.py server``) in a subprocess, its log in a
     file; ``call()`` talks to its control API."""
 
-    def __init__(self, test, args, server=False):
+    def __init__(self, test, args, server=False, env=None):
         manager = support.temp_dir()
         self.folder = manager.__enter__()
         test.addCleanup(manager.__exit__, None, None, None)
@@ -71,7 +71,9 @@ class Run(object):
                    '--ready-file', ready, '--log-output', self.log_path] + args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE,
-                                     universal_newlines=True)
+                                     universal_newlines=True,
+                                     env=None if env is None else
+                                     dict(os.environ, **env))
         test.addCleanup(self.stop)
         deadline = time.time() + support.TIMEOUT
         while not self._started(server, ready):
@@ -182,6 +184,17 @@ def _echoed(socks):
     return echoed
 
 
+def _echo_all(test, socks, size):
+    """Send each connection its own payload (of *size* bytes and more) at
+    once, then check each echo, byte for byte; the payloads."""
+    payloads = [os.urandom(size + number) for number in range(len(socks))]
+    for sock, payload in zip(socks, payloads):
+        sock.sendall(payload)
+    for sock, payload in zip(socks, payloads):
+        test.assertEqual(support.recv_exactly(sock, len(payload)), payload)
+    return payloads
+
+
 def _settled_stats(run):
     """/stats once every connection has closed."""
     return _wait_for(lambda: (lambda s: s if s['open_connections'] == 0
@@ -210,11 +223,14 @@ class WorkersTest(unittest.TestCase):
         return dict((conn['id'], conn['worker']) for conn in conns)
 
     def held(self, run, count):
-        """*count* connections, open, once the workers have each; and the
-        worker of each, by connection id."""
+        """*count* connections, open, once the workers have each (and the
+        connections closed before are gone); and the worker of each, by
+        connection id."""
         socks = [support.connect(run.address) for _ in range(count)]
-        _wait_for(lambda: len(run.get('/connections')['connections'])
-                  == count, 'the workers to take the connections')
+        mine = set('%s:%d' % sock.getsockname()[:2] for sock in socks)
+        _wait_for(lambda: set(conn['client'] for conn in run.get(
+            '/connections')['connections']) == mine,
+            'the workers to take the connections')
         workers = self.workers_of(run, socks)
         self.assertEqual(len(set(workers.values())), 2)
         return socks, workers
@@ -228,12 +244,7 @@ class WorkersTest(unittest.TestCase):
         try:
             for number in range(40):
                 socks.append(support.connect(run.address))
-            payloads = [os.urandom(100000 + number) for number in range(40)]
-            for sock, payload in zip(socks, payloads):
-                sock.sendall(payload)
-            for sock, payload in zip(socks, payloads):
-                self.assertEqual(support.recv_exactly(sock, len(payload)),
-                                 payload)
+            payloads = _echo_all(self, socks, 100000)
             workers = self.workers_of(run, socks)
             # ids unique across the workers, each worker serving some
             self.assertEqual(len(workers), 40)
@@ -528,6 +539,78 @@ class ToxiproxyWorkersTest(unittest.TestCase):
     def address(proxy):
         host, _, port = proxy['listen'].rpartition(':')
         return host, int(port)
+
+
+@needs_workers
+class SharedListenerTest(unittest.TestCase):
+    """Workers that share the supervisor's listening sockets (where there
+    is no SO_REUSEPORT; VAURIEN_WORKERS_LISTEN=shared asks for it here):
+    a proxy made or reopened later gets its socket passed to every
+    worker with the change."""
+
+    env = {'VAURIEN_WORKERS_LISTEN': 'shared'}
+
+    def echoed(self, address, count=40):
+        socks = _open(address, count)
+        self.assertEqual(_echoed(socks), [True] * count)
+
+    def test_every_connection_served(self):
+        with support.EchoServer() as echo:
+            run = Run(self, ['--backend', '127.0.0.1:%d' % echo.port,
+                             '--workers', '2'], env=self.env)
+            workers = set(run.get('/stats')['workers'])
+            self.assertEqual(len(workers), 2)
+            socks = [support.connect(run.address) for _ in range(40)]
+            try:
+                _echo_all(self, socks, 50000)
+                conns = run.get('/connections')['connections']
+                self.assertEqual(len(conns), 40)
+                self.assertLessEqual(set(c['worker'] for c in conns), workers)
+            finally:
+                _close(socks)
+            run.call('PUT', '/behavior', {'name': 'down'})
+            with self.assertRaises(ConnectionRefusedError):
+                support.connect(run.address).close()
+            run.call('PUT', '/behavior', {'name': 'dummy'})
+            self.echoed(run.address)
+            # no worker was replaced for want of a socket
+            self.assertEqual(set(run.get('/stats')['workers']), workers)
+            self.assertNotIn('killing it', run.log())
+
+    def test_proxies_made_later_reach_every_worker(self):
+        with support.EchoServer() as echo:
+            run = Run(self, ['--workers', '2'], server=True, env=self.env)
+            status, proxy = run.call('POST', '/proxies', {
+                'name': 'echo', 'listen': '127.0.0.1:0',
+                'upstream': '127.0.0.1:%d' % echo.port})
+            self.assertEqual(status, 201, proxy)
+            address = ToxiproxyWorkersTest.address(proxy)
+            self.echoed(address)
+            status, _ = run.call('POST', '/proxies/echo',
+                                 {'enabled': False})
+            self.assertEqual(status, 200)
+            with self.assertRaises(ConnectionRefusedError):
+                support.connect(address).close()
+            run.call('POST', '/proxies/echo', {'enabled': True})
+            self.echoed(address)
+            status, moved = run.call('POST', '/proxies/echo',
+                                     {'listen': '127.0.0.1:0'})
+            self.assertEqual(status, 200, moved)
+            new = ToxiproxyWorkersTest.address(moved)
+            self.echoed(new)
+            with self.assertRaises(ConnectionRefusedError):
+                support.connect(address).close()
+            self.assertNotIn('killing it', run.log())
+            self.assertNotIn('failed', run.log())
+
+    def test_killed_worker_forked_with_the_sockets(self):
+        with support.EchoServer() as echo:
+            run = Run(self, ['--backend', '127.0.0.1:%d' % echo.port,
+                             '--workers', '2'], env=self.env)
+            pids = run.get('/stats')['workers']
+            os.kill(pids[0], signal.SIGKILL)
+            _restarted(run, pids[0])
+            self.echoed(run.address)
 
 
 class OneWorkerTest(unittest.TestCase):
