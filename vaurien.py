@@ -7162,8 +7162,11 @@ class _Supervisor(object):
         count = worker_count(settings['workers'])
         if count == 1:
             return None
-        shared = os.environ.get('VAURIEN_WORKERS_LISTEN') == 'shared' or \
-            not hasattr(socket, 'SO_REUSEPORT')
+        listen = os.environ.get('VAURIEN_WORKERS_LISTEN', '')
+        if listen not in ('', 'shared', 'reuseport'):
+            raise VaurienError('VAURIEN_WORKERS_LISTEN must be shared or '
+                               'reuseport, not %r (or unset it)' % listen)
+        shared = listen == 'shared' or not hasattr(socket, 'SO_REUSEPORT')
         missing = ('os.fork' if not hasattr(os, 'fork') else
                    'SO_REUSEPORT nor descriptor passing' if shared and
                    not _HAS_FD_PASSING else None)

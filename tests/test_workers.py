@@ -634,6 +634,14 @@ class OneWorkerTest(unittest.TestCase):
                              "must be auto or a whole number from 1 to 256, "
                              "not %s\n" % text)
 
+    def test_bad_listen_mode_refused(self):
+        code, out, err = support.run_vaurien(
+            ['--workers', '2'], env=dict(os.environ,
+                                         VAURIEN_WORKERS_LISTEN='both'))
+        self.assertEqual(code, 2)
+        self.assertEqual(err, "vaurien: error: VAURIEN_WORKERS_LISTEN must "
+                         "be shared or reuseport, not 'both' (or unset it)\n")
+
     def test_cpu_of_other_digits_refused(self):
         # (found beside --workers: a traceback before)
         code, out, err = support.run_vaurien(['--cpu', '\u00b2'])
