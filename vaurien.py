@@ -3794,10 +3794,13 @@ class Side(object):
     What the kernel cannot take at once waits in ``queue``, in order and
     with the pieces that stream behaviors hold for later, and goes out as
     the socket drains: meanwhile the loop watches the socket for POLLOUT
-    and goes on serving the other direction.  Past ``Duplex.high_water``
-    bytes waiting here, what feeds this side is not read, until it is
-    under ``low_water`` (see Duplex).  Everything
-    but ``sendall``, ``send``, ``shutdown`` and ``recv`` is the socket's.
+    and goes on serving the other direction.  What feeds this side is not
+    read while the kernel takes nothing more (its buffer is the buffer
+    then: queuing more here only spreads the bytes over fresh memory), or
+    past ``Duplex.high_water`` bytes waiting here (pieces that stream
+    behaviors hold for later), until it drains under ``low_water`` (see
+    Duplex).  Everything but ``sendall``, ``send``, ``shutdown`` and
+    ``recv`` is the socket's.
     """
 
     #: what one waiting piece costs beside its bytes (its tuple, the bytes
@@ -3915,7 +3918,8 @@ class Side(object):
         queue.append((when, piece))
         if len(queue) == 1 and not self.blocked and when <= _now():
             self.flush(when)
-        if self.size > self.duplex.high_water and not self.full:
+        elif not self.full and (self.blocked or
+                                self.size > self.duplex.high_water):
             self.duplex.hold(self)
 
     def flush(self, now=None):
@@ -3950,12 +3954,18 @@ class Side(object):
             if not self.blocked:
                 self.blocked = True
                 duplex.watch(self)
-        elif self.blocked:
+            if not self.full:
+                duplex.hold(self)
+            return
+        if self.blocked:
             self.blocked = False
             self.stuck_since = None
             duplex.watch(self)
-        if self.full and self.size < duplex.low_water:
-            duplex.release(self)
+        if self.full:
+            if self.size < duplex.low_water:
+                duplex.release(self)
+        elif self.size > duplex.high_water:
+            duplex.hold(self)
 
     def room(self, size):
         """How much of a read of *size* bytes on its way here fits under
@@ -3992,7 +4002,8 @@ class Duplex(object):
 
     # what waits for one side, in bytes (pieces counted with their cost),
     # past which what feeds that side is not read, and under which it is
-    # read again
+    # read again (a side whose kernel takes nothing more holds its feed at
+    # once: see Side)
     high_water = 4 << 20
     low_water = 1 << 20
 
