@@ -76,6 +76,7 @@ import json
 import logging
 import math
 import mmap
+import operator
 import os
 import pkgutil
 import random
@@ -3879,9 +3880,6 @@ class Side(object):
             self.ended = True
         return data
 
-    def __getattr__(self, name):
-        return getattr(self.sock, name)
-
     # the engine's side
 
     def _send(self, data):
@@ -3988,6 +3986,20 @@ class Side(object):
         self.size = 0
         self.blocked = False
         self.stuck_since = None
+
+
+def _lend(cls, attribute, names):
+    """Give *cls* each of *names* it lacks as a read-only property: that
+    attribute of ``self.<attribute>``.  (A ``__getattr__`` would do it
+    too, but it makes every other attribute of the class slower to read:
+    CPython's attribute caches skip such classes.)"""
+    for name in names:
+        if not name.startswith('_') and not hasattr(cls, name):
+            setattr(cls, name, property(
+                operator.attrgetter(attribute + '.' + name)))
+
+
+_lend(Side, 'sock', dir(socket.socket))
 
 
 class Duplex(object):
