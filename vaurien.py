@@ -3322,6 +3322,8 @@ class Connection(object):
                 return True
             if not data:
                 return protocol._end_of_stream(source, dest)
+            if flags and to_backend:
+                self.start_exchange()   # each read of the client is one
             dest.sendall(data)
             got = len(data)
             if to_backend:
@@ -3331,12 +3333,9 @@ class Connection(object):
             if got < size or dest.queue or not source.reading or \
                     self.server.toxics.generation != self.toxic_draws.seen:
                 return True
-            if to_backend:
-                # each read of the client is an exchange: go on while the
-                # next one is surely plain too
-                if self.client_ended or not self.picker.plain_next():
-                    return True
-                self.start_exchange()
+            if to_backend and (self.client_ended or
+                               not self.picker.plain_next()):
+                return True     # the next exchange may not be plain
             flags = _DONTWAIT
         return True
 
@@ -3858,7 +3857,7 @@ class Side(object):
         self.ended = False              # its stream ended (or its FIN came)
         self.lost = False               # a write failed, or it was reset
         self.density = 0.0              # pieces per byte stream behaviors cut
-        self.reads = 0                  # recv calls: a poll's news goes stale
+        self.reads = 0                  # reads made: a poll's news goes stale
         self.sent = 0                   # bytes the kernel took
 
     @property
@@ -3900,7 +3899,6 @@ class Side(object):
     def recv(self, size, flags=0):
         """The socket's recv, where a reset reads as the end of the stream
         (``b''``): the connection passes the reset on (see lose())."""
-        self.reads += 1
         try:
             data = self.sock.recv(size, flags)
         except (BlockingIOError, InterruptedError):
@@ -3908,6 +3906,7 @@ class Side(object):
         except OSError as exc:
             self.duplex.lose(self, exc)
             data = b''
+        self.reads += 1
         if not data:
             self.ended = True
         return data

@@ -160,6 +160,41 @@ class FastPathTest(unittest.TestCase):
             self.assertEqual(counts['delay'], 1)
             self.assertEqual(counts['dummy'], fast + 1)
 
+    def test_reads_on_and_counts_each_read(self):
+        # one poll may give several reads; each is still an exchange
+        got = []
+
+        def sink(server, conn):
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    return
+                got.append(len(data))
+        size = 8 << 20
+        with support.ThreadedServer(sink) as backend, \
+                support.Proxy(backend.address) as proxy:
+            with proxy.connect() as sock:
+                sock.sendall(os.urandom(size))
+                deadline = time.time() + 10
+                while sum(got) < size and time.time() < deadline:
+                    time.sleep(0.01)
+                self.assertEqual(sum(got), size)
+                conn, = proxy.server.connections.values()
+                self.assertGreater(conn.client.reads, 1)
+                self.assertEqual(conn.exchanges, conn.client.reads)
+                self.assertEqual(conn.behaviors_met, {'dummy': conn.exchanges})
+                picker = conn.picker
+                self.assertTrue(picker.plain_next())
+                proxy.server.set_mix('delay', {'delay': {'sleep': 0}})
+                self.assertFalse(picker.plain_next())
+                reads = conn.client.reads
+                sock.sendall(os.urandom(size))
+                while sum(got) < 2 * size and time.time() < deadline:
+                    time.sleep(0.01)
+                self.assertEqual(sum(got), 2 * size)
+                self.assertEqual(conn.behaviors_met['delay'],
+                                 conn.client.reads - reads)
+
     def test_fast_path_half_close(self):
         with support.ThreadedServer(support.hash_then_reply) as backend, \
                 support.Proxy(backend.address) as proxy:
