@@ -3216,7 +3216,8 @@ class Connection(object):
         self.backend = self.duplex.attach(backend)
         if server.mix.per_connection:
             self.exchange = self.picker.first_exchange()
-        self.toxic_draws.refresh(server.toxics)     # the links start
+        if server.toxics.generation:
+            self.toxic_draws.refresh(server.toxics)     # the links start
         self.protocol = protocol = server.make_protocol()
         protocol.connection = self
         self._plain_tcp = type(protocol)._handle is TCP._handle
@@ -3294,19 +3295,18 @@ class Connection(object):
             if protocol.frames:
                 # it starts an exchange per request, and runs them itself
                 return protocol._handle(source, dest, to_backend)
-            if not to_backend:
-                exchange = self.exchange    # an answer: the current exchange's
-            elif self.client_ended:
-                # nothing left but the end of the client's stream: no new
-                # exchange, and only the stream behaviors of the current one
-                return self.exchange.run(protocol, source, dest, to_backend,
-                                         hooks=False)
-            else:
+            # nothing left but the end of the client's stream: no new
+            # exchange, and only the stream behaviors of the current one
+            ending = to_backend and self.client_ended
+            if to_backend and not ending:
                 exchange = self.start_exchange()
+            else:
+                exchange = self.exchange    # (an answer: the current one's)
             if exchange is self.plain and self._plain_tcp and \
                     self.toxic_plan is None:
                 return self._pass(protocol, source, dest, to_backend)
-            return exchange.run(protocol, source, dest, to_backend)
+            return exchange.run(protocol, source, dest, to_backend,
+                                hooks=not ending)
         finally:
             duplex.source = duplex.granted = None
 
