@@ -2965,6 +2965,7 @@ class ProxyHandler(socketserver.BaseRequestHandler):
             conn.duplex.close()
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug('%s', conn.summary())
+            conn.release()
 
 
 # The engine: a connection ################################################
@@ -3344,6 +3345,22 @@ class Connection(object):
         the end of both streams and finishes without waiting."""
         self.aborted = True
         self.duplex.shutdown()
+
+    def release(self):
+        """The connection is over: break its reference cycles, so that
+        its objects go at once, by reference counting, and not at the
+        garbage collector's next pass (which they made twice as frequent).
+        What the control API may still read of it stays."""
+        duplex = self.duplex
+        for side in (duplex.client, duplex.backend):
+            if side is not None:
+                side.peer = side.duplex = None
+                side.held.clear()
+        duplex.connection = None
+        self.picker.connection = self.toxic_draws.connection = None
+        self.plain.connection = self.exchange.connection = None
+        self.protocol = None
+        self._flows.clear()
 
     def met(self):
         """Exchanges by the behavior they met."""

@@ -372,6 +372,23 @@ class MemoryTest(unittest.TestCase):
         self.assertLessEqual(peak_pieces, (high + 65536 * (1 + cost)) // cost)
         self.assertIsNone(ref(), 'the connection was not freed')
 
+    def test_a_closed_connection_goes_without_the_collector(self):
+        # its reference cycles are broken at its end: reference counting
+        # frees it (the collector ran twice as often for them)
+        with support.EchoServer() as echo, \
+                support.Proxy(echo.address) as proxy:
+            gc.disable()
+            self.addCleanup(gc.enable)
+            with proxy.connect() as sock:
+                self.assertEqual(support.exchange(sock, b'ping'), b'ping')
+                conn, = proxy.server.connections.values()
+                ref = weakref.ref(conn)
+                conn = None
+            deadline = time.time() + 5
+            while ref() is not None and time.time() < deadline:
+                time.sleep(0.01)
+            self.assertIsNone(ref(), 'the connection waits for the collector')
+
     def test_one_byte_slices(self):
         self.check_bounded('slicer', {'average_size': 1, 'size_variation': 0,
                                       'delay': 1000})
