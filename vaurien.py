@@ -3280,22 +3280,21 @@ class Connection(object):
                 to_backend = side is client
                 if to_backend and flags & _POLLRDHUP:
                     self.client_ended = _only_end_of_stream(side)
-                if not _guarded(self, self._step, protocol, side,
-                                side.peer, to_backend):
+                try:
+                    going = self._step(protocol, side, side.peer, to_backend)
+                except Exception as exc:
+                    going = _failed(self, exc)
+                if not going:
                     return
 
     def _step(self, protocol, source, dest, to_backend):
         """*source* is readable: run it through the exchange it belongs to
         and the protocol.  False: close the connection."""
-        duplex = self.duplex
-        duplex.source = duplex.granted = source
-        try:
-            toxics = self.server.toxics
-            if toxics.generation != self.toxic_draws.seen:
-                self.toxic_draws.refresh(toxics)    # from this chunk on
-            if protocol.frames:
-                # it starts an exchange per request, and runs them itself
-                return protocol._handle(source, dest, to_backend)
+        toxics = self.server.toxics
+        if toxics.generation != self.toxic_draws.seen:
+            self.toxic_draws.refresh(toxics)    # from this chunk on
+        frames = protocol.frames    # (it starts an exchange per request)
+        if not frames:
             # nothing left but the end of the client's stream: no new
             # exchange, and only the stream behaviors of the current one
             ending = to_backend and self.client_ended
@@ -3306,6 +3305,11 @@ class Connection(object):
             if exchange is self.plain and self._plain_tcp and \
                     self.toxic_plan is None:
                 return self._pass(protocol, source, dest, to_backend)
+        duplex = self.duplex
+        duplex.source = duplex.granted = source
+        try:
+            if frames:
+                return protocol._handle(source, dest, to_backend)
             return exchange.run(protocol, source, dest, to_backend,
                                 hooks=not ending)
         finally:
@@ -3313,32 +3317,34 @@ class Connection(object):
 
     def _pass(self, protocol, source, dest, to_backend):
         """The fast path: plain tcp under dummy, straight through.  While
-        reads come full and *dest* takes them whole, read on: the poll
-        would only say again that *source* is readable."""
-        size, flags = protocol._bufsize, 0
-        for _ in range(_READS_PER_STEP):
-            try:
-                data = source.recv(size, flags)
-            except BlockingIOError:
-                return True
-            if not data:
-                return protocol._end_of_stream(source, dest)
-            if flags and to_backend:
-                self.start_exchange()   # each read of the client is one
+        reads come full and *dest* takes them whole, read on (up to
+        _READS_PER_STEP): the poll would only say again that *source* is
+        readable."""
+        size = protocol._bufsize
+        data = source.recv(size)
+        reads = 1
+        while data:
             dest.sendall(data)
             got = len(data)
             if to_backend:
                 self.bytes_up += got
             else:
                 self.bytes_down += got
-            if got < size or dest.queue or not source.reading or \
+            if got < size or reads == _READS_PER_STEP or dest.queue or \
+                    not source.reading or \
                     self.server.toxics.generation != self.toxic_draws.seen:
                 return True
             if to_backend and (self.client_ended or
                                not self.picker.plain_next()):
                 return True     # the next exchange may not be plain
-            flags = _DONTWAIT
-        return True
+            try:
+                data = source.recv(size, _DONTWAIT)
+            except BlockingIOError:
+                return True
+            reads += 1
+            if data and to_backend:
+                self.start_exchange()   # each read of the client is one
+        return protocol._end_of_stream(source, dest)
 
     def abort(self):
         """End the connection now, from another thread: its thread sees
@@ -3377,11 +3383,18 @@ class Connection(object):
 
 def _guarded(conn, call, *args):
     """Run *call* for connection *conn*; a peer gone or a plugin raising
-    closes this connection only (False), with one log line."""
+    closes this connection only (False, see _failed)."""
     try:
         return call(*args)
-    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
-            socket.timeout) as exc:
+    except Exception as exc:
+        return _failed(conn, exc)
+
+
+def _failed(conn, exc):
+    """*exc* was raised for connection *conn* (called where it is caught):
+    one log line, and False, which closes this connection only."""
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError,
+                        ConnectionAbortedError, socket.timeout)):
         logger.debug('connection %s: %s', conn.describe(),
                      _os_error_text(exc))
         if isinstance(exc, ConnectionResetError):
@@ -3389,19 +3402,16 @@ def _guarded(conn, call, *args):
             for side in (conn.client, conn.backend):
                 if side is not None:
                     _reset(side.sock)
-        return False
-    except OSError as exc:
-        if conn.server.closing or conn.aborted:
-            return False
-        logger.info('connection %s: %s', conn.describe(),
-                    _os_error_text(exc))
-        return False
-    except Exception as exc:
+    elif isinstance(exc, OSError):
+        if not (conn.server.closing or conn.aborted):
+            logger.info('connection %s: %s', conn.describe(),
+                        _os_error_text(exc))
+    else:
         logger.error('connection %s: %s raised %s: %s; closing this '
                      'connection', conn.describe(), _culprit(exc),
                      type(exc).__name__, exc)
         logger.debug('%s', traceback.format_exc())
-        return False
+    return False
 
 
 # The engine: an exchange #################################################
@@ -4415,12 +4425,9 @@ class _Poller(object):
 
     def poll(self, timeout=None):
         if _HAS_POLL:
-            ms = None if timeout is None else int(math.ceil(timeout * 1000))
-            while True:
-                try:
-                    return self._poll.poll(ms)
-                except InterruptedError:
-                    continue
+            # (a signal does not interrupt it: Python retries, PEP 475)
+            return self._poll.poll(None if timeout is None else
+                                   int(math.ceil(timeout * 1000)))
         import selectors
         return [(key.fd, (_POLLIN if mask & selectors.EVENT_READ else 0) |
                  (_POLLOUT if mask & selectors.EVENT_WRITE else 0))
