@@ -1227,6 +1227,38 @@ class TCP(BaseProtocol):
             return self._between(source, dest, to_backend)
         return True
 
+    def _pass_plain(self, source, dest, to_backend):
+        """The fast path, which the engine takes while no behavior nor
+        toxic acts (and this class's own _handle is the protocol's):
+        straight through.  While reads come full and *dest* takes them
+        whole, it reads on (up to _READS_PER_STEP): the poll would only
+        say again that *source* is readable."""
+        conn, size = self.connection, self._bufsize
+        data = source.recv(size)
+        reads = 1
+        while data:
+            dest.sendall(data)
+            got = len(data)
+            if to_backend:
+                conn.bytes_up += got
+            else:
+                conn.bytes_down += got
+            if got < size or reads == _READS_PER_STEP or dest.queue or \
+                    not source.reading or \
+                    conn.server.toxics.generation != conn.toxic_draws.seen:
+                return True
+            if to_backend and (conn.client_ended or
+                               not conn.picker.plain_next()):
+                return True     # the next exchange may not be plain
+            try:
+                data = source.recv(size, _DONTWAIT)
+            except BlockingIOError:
+                return True
+            reads += 1
+            if data and to_backend:
+                conn.start_exchange()   # each read of the client is one
+        return self._end_of_stream(source, dest)
+
 
 Protocol.base, Protocol.hooks = BaseProtocol, ('_handle', '__call__')
 Protocol.register(TCP)
@@ -3293,58 +3325,25 @@ class Connection(object):
         toxics = self.server.toxics
         if toxics.generation != self.toxic_draws.seen:
             self.toxic_draws.refresh(toxics)    # from this chunk on
-        frames = protocol.frames    # (it starts an exchange per request)
+        frames = protocol.frames
         if not frames:
             # nothing left but the end of the client's stream: no new
             # exchange, and only the stream behaviors of the current one
             ending = to_backend and self.client_ended
-            if to_backend and not ending:
-                exchange = self.start_exchange()
-            else:
-                exchange = self.exchange    # (an answer: the current one's)
+            exchange = self.start_exchange() if to_backend and not ending \
+                else self.exchange      # (an answer: the current one's)
             if exchange is self.plain and self._plain_tcp and \
                     self.toxic_plan is None:
-                return self._pass(protocol, source, dest, to_backend)
+                return protocol._pass_plain(source, dest, to_backend)
         duplex = self.duplex
         duplex.source = duplex.granted = source
         try:
-            if frames:
+            if frames:      # it starts an exchange per request
                 return protocol._handle(source, dest, to_backend)
             return exchange.run(protocol, source, dest, to_backend,
                                 hooks=not ending)
         finally:
             duplex.source = duplex.granted = None
-
-    def _pass(self, protocol, source, dest, to_backend):
-        """The fast path: plain tcp under dummy, straight through.  While
-        reads come full and *dest* takes them whole, read on (up to
-        _READS_PER_STEP): the poll would only say again that *source* is
-        readable."""
-        size = protocol._bufsize
-        data = source.recv(size)
-        reads = 1
-        while data:
-            dest.sendall(data)
-            got = len(data)
-            if to_backend:
-                self.bytes_up += got
-            else:
-                self.bytes_down += got
-            if got < size or reads == _READS_PER_STEP or dest.queue or \
-                    not source.reading or \
-                    self.server.toxics.generation != self.toxic_draws.seen:
-                return True
-            if to_backend and (self.client_ended or
-                               not self.picker.plain_next()):
-                return True     # the next exchange may not be plain
-            try:
-                data = source.recv(size, _DONTWAIT)
-            except BlockingIOError:
-                return True
-            reads += 1
-            if data and to_backend:
-                self.start_exchange()   # each read of the client is one
-        return protocol._end_of_stream(source, dest)
 
     def abort(self):
         """End the connection now, from another thread: its thread sees
@@ -3353,16 +3352,9 @@ class Connection(object):
         self.duplex.shutdown()
 
     def release(self):
-        """The connection is over: break its reference cycles, so that
-        its objects go at once, by reference counting, and not at the
-        garbage collector's next pass (which they made twice as frequent).
-        What the control API may still read of it stays."""
-        duplex = self.duplex
-        for side in (duplex.client, duplex.backend):
-            if side is not None:
-                side.peer = side.duplex = None
-                side.held.clear()
-        duplex.connection = None
+        """The connection is over: break its reference cycles (with
+        Duplex.close), so that it goes at once, by reference counting,
+        not at the collector's next pass.  What the API reads stays."""
         self.picker.connection = self.toxic_draws.connection = None
         self.plain.connection = self.exchange.connection = None
         self.protocol = None
@@ -4378,10 +4370,15 @@ class Duplex(object):
                     pass
 
     def close(self):
+        """Close both sockets, and forget the links between the sides and
+        the connection (see Connection.release)."""
+        self.connection = None
         for side in (self.client, self.backend):
             if side is not None:
                 side.drop()     # what waits goes now, not at the next GC
                 _close(side.sock)
+                side.peer = side.duplex = None
+                side.held.clear()
 
 
 # The engine: polling and sockets #########################################
