@@ -3846,12 +3846,12 @@ class Side(object):
     with the pieces that stream behaviors hold for later, and goes out as
     the socket drains: meanwhile the loop watches the socket for POLLOUT
     and goes on serving the other direction.  What feeds this side is not
-    read while the kernel takes nothing more (its buffer is the buffer
-    then: queuing more here only spreads the bytes over fresh memory), or
-    past ``Duplex.high_water`` bytes waiting here (pieces that stream
-    behaviors hold for later), until it drains under ``low_water`` (see
-    Duplex).  Everything but ``sendall``, ``send``, ``shutdown`` and
-    ``recv`` is the socket's.
+    read past ``Duplex.high_water`` bytes waiting here (pieces that stream
+    behaviors hold for later), or past ``low_water`` while the kernel
+    takes nothing more (its buffer is the buffer then: queuing more here
+    only spreads the bytes over fresh memory), until it drains under
+    ``low_water`` (see Duplex).  Everything but ``sendall``, ``send``,
+    ``shutdown`` and ``recv`` is the socket's.
     """
 
     #: what one waiting piece costs beside its bytes (its tuple, the bytes
@@ -3966,8 +3966,9 @@ class Side(object):
         queue.append((when, piece))
         if len(queue) == 1 and not self.blocked and when <= _now():
             self.flush(when)
-        elif not self.full and (self.blocked or
-                                self.size > self.duplex.high_water):
+        elif not self.full and self.size > (
+                self.duplex.low_water if self.blocked
+                else self.duplex.high_water):
             self.duplex.hold(self)
 
     def flush(self, now=None):
@@ -4002,7 +4003,7 @@ class Side(object):
             if not self.blocked:
                 self.blocked = True
                 duplex.watch(self)
-            if not self.full:
+            if not self.full and self.size > duplex.low_water:
                 duplex.hold(self)
             return
         if self.blocked:
@@ -4064,8 +4065,8 @@ class Duplex(object):
 
     # what waits for one side, in bytes (pieces counted with their cost),
     # past which what feeds that side is not read, and under which it is
-    # read again (a side whose kernel takes nothing more holds its feed at
-    # once: see Side)
+    # read again (low_water is the mark too while the side's kernel takes
+    # nothing more: see Side)
     high_water = 4 << 20
     low_water = 1 << 20
 
