@@ -1243,7 +1243,13 @@ class TCP(BaseProtocol):
                 conn.bytes_up += got
             else:
                 conn.bytes_down += got
-            if got < size or reads == _READS_PER_STEP or dest.queue or \
+            if dest.queue:
+                # the rest waits for the kernel: read no more until it took
+                # it, as a blocking send would (TCP's own backpressure)
+                if not dest.full:
+                    conn.duplex.hold(dest)
+                return True
+            if got < size or reads == _READS_PER_STEP or \
                     not source.reading or \
                     conn.server.toxics.generation != conn.toxic_draws.seen:
                 return True
