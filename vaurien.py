@@ -1064,8 +1064,8 @@ class BaseProtocol(_Configurable):
     ``Connection.start_exchange`` and ``protocols/_framing.py``.
 
     The sockets it is given are the connection's Sides: their ``sendall``
-    never blocks (what the kernel cannot take waits, in order), everything
-    else is the socket's.
+    never blocks (what the kernel cannot take waits, in order), every
+    other public attribute is the socket's.
     """
 
     options = {
@@ -3856,8 +3856,8 @@ class Side(object):
     behaviors hold for later), or past ``low_water`` while the kernel
     takes nothing more (its buffer is the buffer then: queuing more here
     only spreads the bytes over fresh memory), until it drains under
-    ``low_water`` (see Duplex).  Everything but ``sendall``, ``send``,
-    ``shutdown`` and ``recv`` is the socket's.
+    ``low_water`` (see Duplex).  Every public attribute but ``sendall``,
+    ``send``, ``shutdown`` and ``recv`` is the socket's (see _lend).
     """
 
     #: what one waiting piece costs beside its bytes (its tuple, the bytes
