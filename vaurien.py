@@ -2014,6 +2014,8 @@ class Mix(object):
             behavior = instances[name]
             if behavior.scope == 'exchange' and not behavior.gated:
                 self.single = (name, behavior)
+        #: dummy alone: every exchange is the plain one, with no draw
+        self.plain = self.single is not None and self.single[0] == 'dummy'
         self.per_connection = any(b.scope == 'connection' for _, _, b in
                                   self._table)
         #: whether a behavior of the mix has a match (requests must then
@@ -3559,10 +3561,7 @@ class Picker(object):
     def plain_next(self):
         """Whether exchange() would give the plain exchange with no draw:
         the mix is dummy alone, and no toxic matches requests."""
-        single = self.server.mix.single
-        return (single is not None and not single[1].gated and
-                not self.connection.toxics_matching and
-                (single[1] is self.server.dummy or single[0] == 'dummy'))
+        return self.server.mix.plain and not self.connection.toxics_matching
 
     def open(self):
         """Run the ``on_open`` of the behaviors drawn to act before the
