@@ -38,6 +38,19 @@ def _children(pid):
     return found
 
 
+def _stopped(pid):
+    """Whether every thread of *pid* is stopped (Linux's /proc): a
+    SIGSTOP takes each thread at its next return from the kernel."""
+    try:
+        for tid in os.listdir('/proc/%d/task' % pid):
+            with open('/proc/%d/task/%s/stat' % (pid, tid)) as stream:
+                if stream.read().rpartition(')')[2].split()[0] not in 'Tt':
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -366,6 +379,8 @@ class WorkersTest(unittest.TestCase):
         pids = run.get('/stats')['workers']
         os.kill(pids[0], signal.SIGSTOP)
         try:
+            _wait_for(lambda: _stopped(pids[0]), 'worker %d to stop'
+                      % pids[0], run=run)
             # answered once the silent worker is given up on (5 s)
             status, _ = run.call('PUT', '/behavior', {'name': 'error'},
                                  timeout=3 * support.TIMEOUT)
